@@ -110,6 +110,14 @@ class TrainConfig:
     output_dir: str = "runs/default"
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "fp32"  # fp32 | bf16 | fp16
+    checkpoint_dir: str = ""  # "" -> <output_dir>/checkpoints
+    resume: str = "auto"  # auto (latest complete checkpoint in checkpoint_dir, if any) | never | <checkpoint dir or tag dir>
+    stop_after: int = 0  # stop (with a checkpoint) after this step; schedules still span train.steps (0: run to the end)
+    eval_batches: int = 0  # validation batches per rank per evaluation (0: the whole split)
+    progress_bar: bool = True
+    peak_tflops: float = 0.0  # per-device peak for the MFU estimate (0: known GPUs only; MFU is omitted on CPU)
+    batch_log: bool = False  # append a hash of every training image per rank to <output_dir>/batches/ (data-order audit)
+    debug_nan_steps: list[int] = field(default_factory=list)  # fault injection: make the loss NaN at these steps
 
 
 @dataclass
@@ -123,6 +131,9 @@ class DeepSpeedConfig:
     allgather_bucket_size: int = 50_000_000
     fp16_initial_scale_power: int = 16
     fp16_loss_scale_window: int = 1000
+    stage3_prefetch_bucket_size: int = 50_000_000
+    stage3_max_live_parameters: int = 1_000_000_000
+    pin_memory: bool = False  # pinned host buffers for offloaded optimizer/parameters (GPU runs)
 
 
 @dataclass
@@ -262,6 +273,9 @@ def validate(cfg: ExperimentConfig) -> None:
     _require(o.lr > 0 and o.min_lr >= 0, "optim.lr", "learning rates must be positive")
     _require(len(o.betas) == 2, "optim.betas", "must be two numbers")
     _require(o.gradient_clipping >= 0, "optim.gradient_clipping", "must be >= 0 (0 disables)")
+    _require(o.warmup_steps >= 0 and o.restart_period_steps >= 0, "optim.warmup_steps", "must be >= 0")
+    _require(o.restart_mult >= 1.0, "optim.restart_mult", "must be >= 1")
+    _require(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
     _require(t.steps >= 1, "train.steps", "must be >= 1")
     _require(t.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1")
     _require(t.gradient_accumulation_steps >= 1, "train.gradient_accumulation_steps", "must be >= 1")
@@ -269,6 +283,16 @@ def validate(cfg: ExperimentConfig) -> None:
     _require(t.precision in ("fp32", "bf16", "fp16"), "train.precision", "must be fp32, bf16 or fp16")
     _require(t.device in ("auto", "cpu", "cuda"), "train.device", "must be auto, cpu or cuda")
     _require(0.0 < t.kl_beta_min <= 1.0, "train.kl_beta_min", "must be in (0, 1]")
+    _require(t.kl_warmup_steps >= 0, "train.kl_warmup_steps", "must be >= 0")
+    _require(t.log_every >= 1 and t.eval_every >= 0, "train.log_every", "log_every must be >= 1, eval_every >= 0")
+    _require(t.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0 (0: only at the end)")
+    _require(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
+    _require(t.skip_threshold >= 0, "train.skip_threshold", "must be >= 0 (0: only non-finite steps are skipped)")
+    _require(t.max_consecutive_skips >= 1, "train.max_consecutive_skips", "must be >= 1")
+    _require(0 <= t.stop_after <= t.steps, "train.stop_after", "must be in [0, train.steps]")
+    _require(t.eval_batches >= 0 and t.peak_tflops >= 0, "train.eval_batches", "must be >= 0")
+    _require(t.resume != "", "train.resume", "must be auto, never or a checkpoint path")
+    _require(t.precision != "fp16" or t.device != "cpu", "train.precision", "fp16 needs a GPU (use bf16 or fp32 on CPU)")
     _require(ds.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", "must be 0, 1, 2 or 3")
     _require(not (ds.offload_param and ds.zero_stage != 3), "deepspeed.offload_param", "needs deepspeed.zero_stage=3")
     _require(not (ds.offload_optimizer and ds.zero_stage == 0), "deepspeed.offload_optimizer", "needs deepspeed.zero_stage >= 1")
