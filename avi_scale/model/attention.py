@@ -14,7 +14,7 @@ from torch import nn
 class DepthwiseAttention(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.scale = nn.Parameter(torch.ones(()))
+        self.scale = nn.Parameter(torch.ones(1))
 
     def weights(self, query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """query [B, d, H, W], keys [B, n, d, H, W] -> attention weights [B, n, H, W] (sum to 1 over n)."""

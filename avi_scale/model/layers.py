@@ -28,9 +28,8 @@ class WNConv2d(nn.Conv2d):
         self.gain = nn.Parameter(norm.clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        v = self.weight
-        scale = self.gain / v.flatten(1).norm(dim=1).clamp_min(1e-12)
-        return F.conv2d(x, v * scale.view(-1, 1, 1, 1), self.bias, self.stride, self.padding)
+        weight = torch._weight_norm(self.weight, self.gain.view(-1, 1, 1, 1), 0)  # one fused op
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding)
 
 
 class ChannelLayerNorm(nn.LayerNorm):
@@ -45,7 +44,8 @@ class NonLocalBlock(nn.Module):
 
     q, k: 1x1 convs to ``key_dim``; v: a full-width 1x1 conv; scores = scale * q.k (scale
     learnable, init 1, no 1/sqrt(d)); output = x + gamma * attention (gamma init 0).
-    Uses ``scaled_dot_product_attention`` so fused/flash kernels apply where available.
+    Uses ``scaled_dot_product_attention`` so fused/flash kernels apply where available. Scalar
+    parameters are held as 1-element tensors (DeepSpeed cannot broadcast 0-dim parameters).
     """
 
     def __init__(self, channels: int, key_dim: int):
@@ -53,8 +53,8 @@ class NonLocalBlock(nn.Module):
         self.query = WNConv2d(channels, key_dim)
         self.key = WNConv2d(channels, key_dim)
         self.value = WNConv2d(channels, channels)
-        self.scale = nn.Parameter(torch.ones(()))
-        self.gamma = nn.Parameter(torch.zeros(()))
+        self.scale = nn.Parameter(torch.ones(1))
+        self.gamma = nn.Parameter(torch.zeros(1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -30,8 +30,10 @@ from .layers import ChannelLayerNorm, ConcatMerge, ParamHead, ResidualCell, SumM
 LN_EPS = 1e-5
 
 
-@dataclass
-class VAEOutput:
+class VAEOutput(NamedTuple):
+    """A named tuple (not a dataclass) so wrappers such as DeepSpeed ZeRO-3, which look for
+    tensors inside tuples, see every output tensor."""
+
     loss: torch.Tensor  # scalar: batch mean of recon_nll + beta * kl.sum(1)
     neg_elbo: torch.Tensor  # [B] nats per image (beta = 1), detached
     recon_nll: torch.Tensor  # [B]
@@ -86,7 +88,7 @@ class VariationalLayer(nn.Module):
         # prior depth-wise attention (layers > 0)
         if self.prior_att:
             self.prior_attention = DepthwiseAttention()
-            self.prior_gamma = nn.Parameter(torch.zeros(()))
+            self.prior_gamma = nn.Parameter(torch.zeros(1))
             if cfg.prior_attention.layer_norm:
                 self.ln_context = ChannelLayerNorm(w.ctx, eps=LN_EPS)
                 self.ln_latest = ChannelLayerNorm(w.ctx, eps=LN_EPS)
@@ -98,7 +100,7 @@ class VariationalLayer(nn.Module):
                                           w.enc if self.post_att else w.f2, nl if "merge" in places else None)
         if self.post_att:
             self.posterior_attention = DepthwiseAttention()
-            self.posterior_gamma = nn.Parameter(torch.zeros(()))
+            self.posterior_gamma = nn.Parameter(torch.zeros(1))
             if cfg.posterior_attention.layer_norm:
                 self.ln_post_out = ChannelLayerNorm(w.f2, eps=LN_EPS)
                 self.ln_post_cond = ChannelLayerNorm(w.f2, eps=LN_EPS)
