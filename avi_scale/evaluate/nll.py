@@ -1,0 +1,320 @@
+"""Test-set likelihood the way the papers report it: the negative ELBO and the importance-weighted
+``-log p(x)`` with ``K`` posterior samples, in nats per image and bits per dimension, with standard
+errors; plus how the latent layers are used (KL per layer, active units, active layers).
+
+Every image is evaluated on its own, with its posterior noise seeded from ``(seed, the image's
+bytes)``.  The numbers therefore do not depend on the batch size, on the order of the data or on
+how many ranks share the work: 2 ranks give what 1 rank gives (up to the order of a float64 sum).
+The ``K`` importance samples of one image run ``chunk`` at a time (a batch of ``chunk`` copies), so
+memory stays bounded whatever ``K`` is; raise ``chunk`` towards ``K`` for speed on a GPU.
+
+Across ranks, each rank accumulates float64 sums and sums of squares over its own images and one
+``all_reduce(SUM)`` combines them after the loop (ranks may hold different numbers of images).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable, Optional
+
+import torch
+import torch.distributed as dist
+
+from avi_scale.model.distributions import DiagGaussian
+
+LN2 = math.log(2.0)
+
+
+def nats_to_bpd(nats: float | torch.Tensor, num_dims: int):
+    """Nats per image -> bits per dimension: ``nats / (num_dims * ln 2)``."""
+    if num_dims < 1:
+        raise ValueError(f"num_dims must be >= 1, got {num_dims}")
+    return nats / (num_dims * LN2)
+
+
+def image_seed(seed: int, image: torch.Tensor) -> int:
+    """A 63-bit seed from ``seed`` and the content of one image (values in [0, 1], quantised to 8 bits):
+    the same image gets the same posterior noise on any rank, in any batch, at any position."""
+    q = (image.detach().float().cpu().clamp(0.0, 1.0) * 255.0).round().to(torch.uint8).contiguous()
+    h = hashlib.blake2b(digest_size=8)
+    h.update(f"avi-eval|{int(seed)}|{tuple(q.shape)}|".encode())
+    h.update(q.numpy().tobytes())
+    return int.from_bytes(h.digest(), "little") >> 1
+
+
+def check_images(x: Any, model_cfg) -> torch.Tensor:
+    """``x`` as float [B, C, H, W] in [0, 1] fit for the model; a ValueError names what is wrong."""
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"expected a tensor of images, got {type(x).__name__}")
+    c, s = model_cfg.image_channels, model_cfg.image_size
+    if x.dim() != 4 or tuple(x.shape[1:]) != (c, s, s):
+        raise ValueError(f"expected images of shape [B, {c}, {s}, {s}] (model.image_channels, model.image_size), "
+                         f"got {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"expected float images in [0, 1], got dtype {x.dtype}")
+    x = x.float()
+    if x.numel() == 0:
+        return x
+    if not torch.isfinite(x).all():
+        raise ValueError("images contain NaN or infinite values")
+    lo, hi = x.min().item(), x.max().item()
+    if lo < 0.0 or hi > 1.0:
+        raise ValueError(f"images must lie in [0, 1]; found values in [{lo:.4g}, {hi:.4g}]")
+    if model_cfg.likelihood == "bernoulli":
+        if not ((x == 0) | (x == 1)).all():
+            raise ValueError("model.likelihood is bernoulli but the images are not binary: evaluate with "
+                             "data.binarize=true (a fixed Bernoulli draw per test image) or binary data")
+    else:
+        levels = x * 255.0
+        if (levels - levels.round()).abs().max().item() > 1e-3:
+            raise ValueError("model.likelihood is logistic_mixture but the images are not 8-bit (k/255) values")
+    return x
+
+
+class PosteriorCapture:
+    """Reads each layer's posterior and prior off the model's parameter heads during a forward pass.
+
+    The heads output raw (mu, log sigma); the posterior of layer ``l > 0`` is residual on the prior's
+    raw parameters (``docs/model.md``), layer 0's prior is N(0, I).  The distributions rebuilt here
+    give exactly the model's per-layer KL (``tests/test_evaluate.py`` checks it).
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.cfg = model.cfg
+        self._prior: dict[int, torch.Tensor] = {}
+        self._post: dict[int, torch.Tensor] = {}
+        self._handles: list = []
+
+    def __enter__(self) -> "PosteriorCapture":
+        for i, layer in enumerate(self.model.layers):
+            self._handles.append(layer.posterior_head.register_forward_hook(self._hook(self._post, i)))
+            if i > 0:
+                self._handles.append(layer.prior_head.register_forward_hook(self._hook(self._prior, i)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    @staticmethod
+    def _hook(store: dict, index: int):
+        def hook(module, inputs, output):
+            store[index] = output.detach()
+        return hook
+
+    def clear(self) -> None:
+        self._prior.clear()
+        self._post.clear()
+
+    def distributions(self) -> list[tuple[DiagGaussian, DiagGaussian]]:
+        """[(posterior, prior)] per layer, top (0) first, from the last forward pass."""
+        out = []
+        for i in range(len(self.model.layers)):
+            if i not in self._post or (i > 0 and i not in self._prior):
+                raise RuntimeError(f"layer {i}'s parameter heads did not run: call the model's forward "
+                                   "(posterior pass) inside the capture")
+            d_mu, d_ls = self._post[i].float().chunk(2, dim=1)
+            if i == 0:
+                q = DiagGaussian.from_raw(d_mu, d_ls, self.cfg.posterior_log_sigma_bounds)
+                p = DiagGaussian.standard(q.mu)
+            else:
+                p_mu, p_ls = self._prior[i].float().chunk(2, dim=1)
+                p = DiagGaussian.from_raw(p_mu, p_ls, self.cfg.prior_log_sigma_bounds)
+                q = DiagGaussian.from_raw(p_mu + d_mu, p_ls + d_ls, self.cfg.posterior_log_sigma_bounds)
+            out.append((q, p))
+        return out
+
+
+@dataclass
+class NLLResult:
+    """Test-set numbers; nats per image unless named ``*_bpd``."""
+
+    count: int
+    num_dims: int
+    iw_samples: int
+    neg_elbo: float
+    neg_elbo_se: float
+    nll: float  # importance-weighted -log p(x) with iw_samples samples
+    nll_se: float
+    recon_nll: float
+    kl_per_layer: list[float]  # layer 1 (top) first
+    active_units_per_layer: list[int]
+    units_per_layer: int
+    active_unit_threshold: float
+    active_layer_kl: float
+    world_size: int = 1
+    seed: int = 0
+    seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def neg_elbo_bpd(self) -> float:
+        return nats_to_bpd(self.neg_elbo, self.num_dims)
+
+    @property
+    def neg_elbo_bpd_se(self) -> float:
+        return nats_to_bpd(self.neg_elbo_se, self.num_dims)
+
+    @property
+    def nll_bpd(self) -> float:
+        return nats_to_bpd(self.nll, self.num_dims)
+
+    @property
+    def nll_bpd_se(self) -> float:
+        return nats_to_bpd(self.nll_se, self.num_dims)
+
+    @property
+    def kl(self) -> float:
+        return float(sum(self.kl_per_layer))
+
+    @property
+    def active_units(self) -> int:
+        return int(sum(self.active_units_per_layer))
+
+    @property
+    def active_layers(self) -> int:
+        return sum(1 for k in self.kl_per_layer if k > self.active_layer_kl)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.update(neg_elbo_bpd=self.neg_elbo_bpd, neg_elbo_bpd_se=self.neg_elbo_bpd_se, nll_bpd=self.nll_bpd,
+                 nll_bpd_se=self.nll_bpd_se, kl=self.kl, active_units=self.active_units,
+                 active_layers=self.active_layers, num_layers=len(self.kl_per_layer))
+        return d
+
+    def table_rows(self) -> list[tuple[str, str, str]]:
+        """(quantity, nats per image, bits per dim) rows, "mean ± standard error"."""
+        return [
+            ("negative ELBO", f"{self.neg_elbo:.3f} ± {self.neg_elbo_se:.3f}",
+             f"{self.neg_elbo_bpd:.4f} ± {self.neg_elbo_bpd_se:.4f}"),
+            (f"-log p(x), IW K={self.iw_samples}", f"{self.nll:.3f} ± {self.nll_se:.3f}",
+             f"{self.nll_bpd:.4f} ± {self.nll_bpd_se:.4f}"),
+            ("reconstruction -log p(x|z)", f"{self.recon_nll:.3f}", f"{nats_to_bpd(self.recon_nll, self.num_dims):.4f}"),
+            ("KL (all layers)", f"{self.kl:.3f}", f"{nats_to_bpd(self.kl, self.num_dims):.4f}"),
+        ]
+
+
+def _mean_se(total: float, total_sq: float, n: int) -> tuple[float, float]:
+    mean = total / n
+    if n < 2:
+        return mean, float("nan")
+    var = max(total_sq - total * total / n, 0.0) / (n - 1)
+    return mean, math.sqrt(var / n)
+
+
+def _images_of(batch: Any) -> torch.Tensor:
+    if isinstance(batch, (tuple, list)):
+        if not batch:
+            raise ValueError("empty batch")
+        return batch[0]
+    return batch
+
+
+class _training_mode:
+    """Puts the model in eval mode for the block and restores its mode afterwards."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+
+    def __enter__(self):
+        self.was_training = self.model.training
+        self.model.eval()
+
+    def __exit__(self, *exc):
+        self.model.train(self.was_training)
+
+
+@torch.no_grad()
+def evaluate_nll(model, batches: Iterable, *, iw_samples: int, iw_chunk: int, seed: int = 0,
+                 expected_count: Optional[int] = None, progress: bool = False, progress_total: Optional[int] = None,
+                 active_unit_threshold: float = 0.01, active_layer_kl: float = 0.1) -> NLLResult:
+    """Negative ELBO and importance-weighted -log p(x) over ``batches`` (this rank's share).
+
+    ``batches`` yields image tensors or ``(x, y)`` pairs, x float [B, C, H, W] in [0, 1] (binary for a
+    Bernoulli model, k/255 for a logistic mixture).  When ``torch.distributed`` is initialised, the
+    sums of all ranks are combined, and every rank returns the same result.  ``expected_count``: the
+    number of images over all ranks (e.g. the manifest's); a different total raises RuntimeError.
+    """
+    if iw_samples < 1:
+        raise ValueError(f"iw_samples (eval.iw_samples) must be >= 1, got {iw_samples}")
+    if iw_chunk < 1:
+        raise ValueError(f"iw_chunk (eval.iw_chunk) must be >= 1, got {iw_chunk}")
+    cfg = model.cfg
+    device = next(model.parameters()).device
+    distributed = dist.is_available() and dist.is_initialized()
+    rank = dist.get_rank() if distributed else 0
+    world = dist.get_world_size() if distributed else 1
+    L = cfg.num_layers
+    hw = cfg.padded_size // 2
+    units = cfg.latent_channels * hw * hw
+    # [count, sum -elbo, sum -elbo^2, sum nll, sum nll^2, sum recon, kl per layer (L),
+    #  posterior-mean sums (L * units), posterior-mean square sums (L * units)]
+    head = 6 + L
+    sums = torch.zeros(head + 2 * L * units, dtype=torch.float64, device=device)
+    mu_sum = sums[head:head + L * units].view(L, units)
+    mu_sq = sums[head + L * units:].view(L, units)
+
+    bar = None
+    if progress and rank == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=progress_total, desc=f"eval K={iw_samples}" + (f" (rank 0 of {world})" if world > 1 else ""),
+                   unit="img", dynamic_ncols=True)
+    started = time.perf_counter()
+    fork_devices = [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device.type == "cuda" else []
+    with _training_mode(model), torch.random.fork_rng(devices=fork_devices), PosteriorCapture(model) as capture:
+        for batch in batches:
+            x = check_images(_images_of(batch), cfg)
+            seeds = [image_seed(seed, x[i]) for i in range(x.shape[0])]
+            x = x.to(device)
+            for i, s in enumerate(seeds):
+                xi = x[i:i + 1]
+                torch.manual_seed(s)
+                capture.clear()
+                out = model(xi, beta=1.0)
+                means = torch.stack([q.mu.reshape(-1) for q, _ in capture.distributions()]).double()
+                torch.manual_seed(s)  # the same noise: with K = 1 the IW sample is the ELBO's sample
+                log_px = model.log_likelihood(xi, num_samples=iw_samples, chunk=min(iw_chunk, iw_samples))
+                ne = out.neg_elbo.double()[0]
+                nll = -log_px.double()[0]
+                sums[0] += 1
+                sums[1] += ne
+                sums[2] += ne * ne
+                sums[3] += nll
+                sums[4] += nll * nll
+                sums[5] += out.recon_nll.double()[0]
+                sums[6:6 + L] += out.kl.double()[0]
+                mu_sum += means
+                mu_sq += means * means
+            if bar is not None:
+                bar.update(x.shape[0])
+    if bar is not None:
+        bar.close()
+    if distributed and world > 1:
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+    s = sums.cpu()
+    n = int(round(s[0].item()))
+    if expected_count is not None and n != expected_count:
+        raise RuntimeError(f"evaluated {n} images over {world} rank(s) but the split holds {expected_count}: "
+                           "every test image must be evaluated exactly once")
+    if n == 0:
+        raise RuntimeError("no images to evaluate: the data is empty")
+    neg_elbo, neg_elbo_se = _mean_se(s[1].item(), s[2].item(), n)
+    nll, nll_se = _mean_se(s[3].item(), s[4].item(), n)
+    mean_mu = s[head:head + L * units].view(L, units) / n
+    var_mu = s[head + L * units:].view(L, units) / n - mean_mu * mean_mu  # Cov_x(E_q[z_u]) per unit
+    active = (var_mu > active_unit_threshold).sum(1).tolist()
+    return NLLResult(
+        count=n, num_dims=model.num_dims, iw_samples=iw_samples,
+        neg_elbo=neg_elbo, neg_elbo_se=neg_elbo_se, nll=nll, nll_se=nll_se,
+        recon_nll=s[5].item() / n, kl_per_layer=(s[6:6 + L] / n).tolist(),
+        active_units_per_layer=[int(a) for a in active], units_per_layer=units,
+        active_unit_threshold=active_unit_threshold, active_layer_kl=active_layer_kl,
+        world_size=world, seed=seed, seconds=time.perf_counter() - started,
+    )
