@@ -65,15 +65,24 @@ class ModelConfig:
 class DataConfig:
     """Where batches come from: WebDataset shard URLs (local paths, brace patterns, http(s)://, s3://)."""
 
-    train_urls: Optional[str] = None  # e.g. "data/mnist/train-{000000..000009}.tar" or s3://bucket/prefix/...
-    val_urls: Optional[str] = None
+    # a dataset directory/prefix holding manifest.json (e.g. "data/mnist5k", "s3://bucket/cifar10"), or a
+    # shard pattern (e.g. "data/mnist/train-{000000..000009}.tar"); local, http(s):// or s3://
+    train_urls: Optional[str] = None
+    val_urls: Optional[str] = None  # None: the manifest's split of train_urls when that is a directory
     test_urls: Optional[str] = None
     binarize: bool = True  # dynamic binarisation (binary sets)
-    random_flips: bool = False  # horizontal + vertical flips (natural images)
-    shuffle_buffer: int = 1000
-    num_workers: int = 0
-    seed: int = 0
-    s3_endpoint_url: Optional[str] = None  # S3-compatible stores; credentials come from the environment
+    random_flips: bool = False  # random horizontal flips (natural images)
+    shuffle_buffer: int = 1000  # samples in each worker's seeded shuffle buffer (0: shard order only)
+    num_workers: int = 0  # DataLoader workers per rank (0: read in the training process)
+    seed: int = 0  # >= 0; shard order, shuffling, binarisation and flips derive from it
+    mode: str = "exact"  # exact: each sample at most once per epoch, resumable | resampled: shards drawn with replacement
+    epoch_batches: int = 0  # resampled mode: batches per rank per epoch (0: samples // (world_size * batch))
+    skip_corrupt: bool = False  # skip (count, log) undecodable samples and truncated shard tails instead of failing
+    s3_endpoint_url: Optional[str] = None  # S3-compatible stores (else AWS_ENDPOINT_URL); credentials: boto3 chain
+    io_retries: int = 4  # attempts per failure streak on s3:// and http(s):// reads
+    io_timeout_s: float = 30.0  # connect/read timeout of each request
+    io_backoff_s: float = 0.5  # first retry delay, doubled per attempt
+    batch_timeout_s: float = 300.0  # error when a DataLoader worker delivers no batch for this long (0: never)
 
 
 @dataclass
@@ -134,6 +143,7 @@ class DeepSpeedConfig:
     stage3_prefetch_bucket_size: int = 50_000_000
     stage3_max_live_parameters: int = 1_000_000_000
     pin_memory: bool = False  # pinned host buffers for offloaded optimizer/parameters (GPU runs)
+    load_universal: bool = False  # resume from a universal checkpoint (ds_to_universal.py) at another world size
 
 
 @dataclass
@@ -142,19 +152,44 @@ class EvalConfig:
     iw_chunk: int = 25  # samples evaluated at once (bounds memory)
     temperatures: list[float] = field(default_factory=lambda: [1.0, 0.8, 0.6])
     num_samples: int = 64
+    split: str = "test"  # data split avi-eval measures (val | test)
+    batch_size: int = 100  # images read per loader batch (results do not depend on it)
+    seed: int = 0  # posterior noise (seeded per image from (seed, image bytes)) and sample grids; binarisation: data.seed
+    use_ema: bool = True  # evaluate the EMA weights when the checkpoint has them
+    attention_layer: int = -1  # layer whose depth-wise attention is drawn (-1: the last)
+    num_reconstructions: int = 32  # originals shown beside their reconstructions
+    active_unit_threshold: float = 0.01  # unit active if Cov_x(E_q[z_u]) exceeds this (Burda et al. 2016)
+    active_layer_kl: float = 0.1  # layer active if its mean KL (nats per image) exceeds this
 
 
 @dataclass
 class TuneConfig:
-    metric: str = "val_nll"
+    """A Ray Tune search (``avi-tune``); every trial runs the engine's training loop.  See docs/tune.md."""
+
+    name: str = ""  # experiment name under tune.storage ("": the config's name)
+    metric: str = "val_nll"  # a reported metric: val_nll (nats), val_bpd, val_recon_nll, val_kl, ...
     mode: str = "min"
     scheduler: str = "asha"  # asha | pbt | fifo
-    num_samples: int = 1
-    max_concurrent: int = 2
-    cpus_per_trial: float = 1.0
-    gpus_per_trial: float = 0.0
-    storage: str = "runs/tune"
-    search_space: dict[str, Any] = field(default_factory=dict)
+    search_alg: str = "random"  # random (grid_search expanded, the rest sampled) | optuna | hyperopt
+    num_samples: int = 1  # samples of the space (each grid_search point is repeated this many times)
+    max_concurrent: int = 2  # trials running at once (0: as many as the resources allow)
+    seed: int = 0  # seeds the sampling of the search space
+    cpus_per_trial: float = 1.0  # the trial process (with workers_per_trial > 1: the process that starts the workers)
+    gpus_per_trial: float = 0.0  # single-process trials only
+    workers_per_trial: int = 1  # > 1: a Ray Train TorchTrainer with this many DeepSpeed ranks per trial
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    max_failures: int = 0  # retries of a crashed trial, from its latest checkpoint (-1: without limit)
+    grace_period: int = 0  # ASHA: training steps before a trial can be stopped (0: train.eval_every)
+    reduction_factor: float = 2.0  # ASHA: keep the best 1/reduction_factor at each rung
+    perturbation_interval: int = 0  # PBT: training steps between exploit/explore decisions (0: train.eval_every)
+    quantile_fraction: float = 0.25  # PBT: bottom fraction that clones the top fraction
+    resample_probability: float = 0.25  # PBT: chance that a mutated value is drawn afresh instead of perturbed
+    keep_checkpoints: int = 2  # checkpoints Tune keeps per trial (the latest ones)
+    storage: str = "runs/tune"  # local directory or s3://bucket/prefix holding the experiment
+    trial_output_root: str = ""  # engine run directories of the trials ("": <storage>/<name>/runs for local storage)
+    results_dir: str = ""  # results table, best config and plots ("": the experiment directory when local)
+    search_space: dict[str, Any] = field(default_factory=dict)  # config key -> values or distribution
 
 
 @dataclass
@@ -268,7 +303,16 @@ def validate(cfg: ExperimentConfig) -> None:
     for side in ("posterior_log_sigma_bounds", "prior_log_sigma_bounds"):
         b = getattr(m, side)
         _require(len(b) == 2 and b[0] < b[1], f"model.{side}", "must be [low, high] with low < high")
-    _require(d.shuffle_buffer >= 0 and d.num_workers >= 0, "data.shuffle_buffer", "must be >= 0")
+    _require(d.shuffle_buffer >= 0, "data.shuffle_buffer", "must be >= 0")
+    _require(d.num_workers >= 0, "data.num_workers", "must be >= 0")
+    _require(d.seed >= 0, "data.seed", "must be >= 0")
+    _require(d.mode in ("exact", "resampled"), "data.mode", f"{d.mode!r} is not 'exact' or 'resampled'")
+    _require(d.epoch_batches >= 0, "data.epoch_batches", "must be >= 0 (0: derived from the split size)")
+    _require(d.epoch_batches == 0 or d.mode == "resampled", "data.epoch_batches", "needs data.mode=resampled")
+    _require(d.io_retries >= 1, "data.io_retries", "must be >= 1")
+    _require(d.io_timeout_s > 0, "data.io_timeout_s", "must be > 0")
+    _require(d.io_backoff_s >= 0, "data.io_backoff_s", "must be >= 0")
+    _require(d.batch_timeout_s >= 0, "data.batch_timeout_s", "must be >= 0 (0: no limit)")
     _require(o.optimizer in ("adamax", "adamw"), "optim.optimizer", "must be 'adamax' or 'adamw'")
     _require(o.lr > 0 and o.min_lr >= 0, "optim.lr", "learning rates must be positive")
     _require(len(o.betas) == 2, "optim.betas", "must be two numbers")
@@ -297,5 +341,24 @@ def validate(cfg: ExperimentConfig) -> None:
     _require(not (ds.offload_param and ds.zero_stage != 3), "deepspeed.offload_param", "needs deepspeed.zero_stage=3")
     _require(not (ds.offload_optimizer and ds.zero_stage == 0), "deepspeed.offload_optimizer", "needs deepspeed.zero_stage >= 1")
     _require(cfg.eval.iw_samples >= 1 and cfg.eval.iw_chunk >= 1, "eval.iw_samples", "must be >= 1")
-    _require(cfg.tune.mode in ("min", "max"), "tune.mode", "must be 'min' or 'max'")
-    _require(cfg.tune.scheduler in ("asha", "pbt", "fifo"), "tune.scheduler", "must be asha, pbt or fifo")
+    tu = cfg.tune
+    _require(tu.metric != "", "tune.metric", "must name a reported metric, e.g. val_nll or val_bpd")
+    _require(tu.mode in ("min", "max"), "tune.mode", "must be 'min' or 'max'")
+    _require(tu.scheduler in ("asha", "pbt", "fifo"), "tune.scheduler", "must be asha, pbt or fifo")
+    _require(tu.search_alg in ("random", "optuna", "hyperopt"), "tune.search_alg", "must be random, optuna or hyperopt")
+    _require(tu.num_samples >= 1, "tune.num_samples", "must be >= 1")
+    _require(tu.max_concurrent >= 0, "tune.max_concurrent", "must be >= 0 (0: no limit)")
+    _require(tu.cpus_per_trial >= 0 and tu.gpus_per_trial >= 0, "tune.cpus_per_trial", "resources must be >= 0")
+    _require(tu.workers_per_trial >= 1, "tune.workers_per_trial", "must be >= 1")
+    _require(tu.cpus_per_worker > 0 and tu.gpus_per_worker >= 0, "tune.cpus_per_worker",
+             "cpus_per_worker must be > 0 and gpus_per_worker >= 0")
+    _require(tu.workers_per_trial == 1 or tu.gpus_per_trial == 0, "tune.gpus_per_trial",
+             "with workers_per_trial > 1 the GPUs belong to the workers: set tune.gpus_per_worker instead")
+    _require(tu.max_failures >= -1, "tune.max_failures", "must be >= 0, or -1 for unlimited retries")
+    _require(tu.grace_period >= 0 and tu.perturbation_interval >= 0, "tune.grace_period",
+             "grace_period and perturbation_interval must be >= 0 (0: train.eval_every)")
+    _require(tu.reduction_factor > 1, "tune.reduction_factor", "must be > 1")
+    _require(0 < tu.quantile_fraction <= 0.5, "tune.quantile_fraction", "must be in (0, 0.5]")
+    _require(0 <= tu.resample_probability <= 1, "tune.resample_probability", "must be in [0, 1]")
+    _require(tu.keep_checkpoints >= 1, "tune.keep_checkpoints", "must be >= 1")
+    _require(tu.storage != "", "tune.storage", "must be a directory or an s3:// URI")

@@ -1,0 +1,10 @@
+"""The training engine: DeepSpeed, the one training loop, checkpoints, EMA, metrics.
+
+``train(cfg, report=None) -> dict`` is the entry point used by ``avi-train``, the cluster
+launchers and Ray Tune; see :mod:`avi_scale.engine.loop` and ``docs/engine.md``.
+"""
+
+from avi_scale.engine.checkpoint import export_consolidated, load_exported
+from avi_scale.engine.loop import TrainingDiverged, train
+
+__all__ = ["TrainingDiverged", "export_consolidated", "load_exported", "train"]

@@ -1,0 +1,191 @@
+"""Checkpoints: DeepSpeed's own format plus our client state, made crash-safe, pruned, exportable.
+
+Layout of a checkpoint directory (``train.checkpoint_dir``, default ``<output_dir>/checkpoints``)::
+
+    latest                  tag of the newest *complete* checkpoint (replaced atomically)
+    step00000500/           one tag per saved step: DeepSpeed's model/optimizer files of every
+                            rank (``mp_rank_00_model_states.pt``, ``*zero_pp_rank_*`` ...)
+        COMPLETE            written by rank 0 after every rank has saved (JSON: step, world size)
+    zero_to_fp32.py         DeepSpeed's consolidation script, copied there by DeepSpeed
+
+DeepSpeed writes its ``latest`` file from rank 0 without waiting for the other ranks, so the engine
+saves with ``save_latest=False`` and moves ``latest`` itself after a barrier.  The client state
+(step, epoch, loader positions, RNG states, EMA, resolved config) is assembled on rank 0 and stored
+in rank 0's model-states file; after loading, rank 0 broadcasts it (under ZeRO-3 every rank reads
+its own file).
+
+``export_consolidated`` turns a checkpoint into one fp32 ``.pt`` file (DeepSpeed's zero_to_fp32
+functions for ZeRO 1-3) that :func:`load_exported` loads into a plain :class:`AttentiveVAE`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from avi_scale.engine import distributed as D
+
+LATEST = "latest"
+COMPLETE = "COMPLETE"
+CLIENT_KEY = "avi_scale"  # our client state lives under this one key of DeepSpeed's model-states dict
+_TAG = re.compile(r"^step(\d{8,})$")
+
+
+def tag_for(step: int) -> str:
+    return f"step{step:08d}"
+
+
+def is_complete(tag_dir: Path) -> bool:
+    return (tag_dir / COMPLETE).is_file()
+
+
+def resolve(path: str | Path) -> Optional[Path]:
+    """A complete checkpoint tag directory from a tag directory or a checkpoint directory.
+
+    For a checkpoint directory: the tag named by ``latest`` when it is complete, else the newest
+    complete tag (a ``latest`` can be stale after a partial copy of the directory); None if none.
+    """
+    path = Path(path)
+    if is_complete(path):
+        return path
+    if not path.is_dir():
+        return None
+    latest = path / LATEST
+    if latest.is_file():
+        candidate = path / latest.read_text().strip()
+        if is_complete(candidate):
+            return candidate
+    tags = sorted((int(m.group(1)), d) for d in path.iterdir() if (m := _TAG.match(d.name)) and is_complete(d))
+    return tags[-1][1] if tags else None
+
+
+class Checkpointer:
+    """Saves and loads DeepSpeed checkpoints of one run (every rank calls every method)."""
+
+    def __init__(self, directory: str | Path, keep: int, rank: int, world_size: int):
+        self.dir = Path(directory)
+        self.keep = keep
+        self.rank = rank
+        self.world_size = world_size
+
+    def save(self, engine: Any, step: int, client_state: Optional[dict]) -> Path:
+        """Save under tag ``step{step:08d}``; ``client_state`` is rank 0's (None on other ranks)."""
+        from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
+                                                    UNIVERSAL_CHECKPOINT_VERSION_VALUE)
+
+        tag = tag_for(step)
+        tag_dir = self.dir / tag
+        if self.rank == 0:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            if tag_dir.exists():  # a leftover of a crashed save of this very step
+                shutil.rmtree(tag_dir)
+        D.barrier()
+        # the version tag lets DeepSpeed's ds_to_universal.py convert the checkpoint (world-size changes)
+        universal = {UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
+        engine.save_checkpoint(str(self.dir), tag=tag, client_state={CLIENT_KEY: client_state, **universal},
+                               save_latest=False)
+        D.barrier()  # every rank's files are on disk
+        if self.rank == 0:
+            marker = {"step": step, "world_size": self.world_size, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            (tag_dir / COMPLETE).write_text(json.dumps(marker) + "\n")
+            tmp = self.dir / f".{LATEST}.tmp"
+            tmp.write_text(tag)
+            os.replace(tmp, self.dir / LATEST)
+            self._prune()
+        D.barrier()
+        return tag_dir
+
+    def _prune(self) -> None:
+        tags = sorted((int(m.group(1)), d) for d in self.dir.iterdir() if (m := _TAG.match(d.name)))
+        complete = [d for _, d in tags if is_complete(d)]
+        for d in complete[:-self.keep]:
+            shutil.rmtree(d, ignore_errors=True)
+        newest = complete[-1] if complete else None
+        for _, d in tags:  # incomplete leftovers older than the newest complete checkpoint
+            if newest is not None and d != newest and not is_complete(d) and d.name < newest.name:
+                shutil.rmtree(d, ignore_errors=True)
+
+    def load(self, engine: Any, tag_dir: Path) -> dict:
+        """Load model, optimizer and client state; returns rank 0's client state on every rank."""
+        path, client = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name,
+                                              load_optimizer_states=True, load_lr_scheduler_states=False)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load the checkpoint {tag_dir}")
+        state = D.broadcast_object(client.get(CLIENT_KEY) if self.rank == 0 else None)
+        if state is None:
+            raise RuntimeError(f"{tag_dir} is not an avi-scale checkpoint (no {CLIENT_KEY!r} client state)")
+        return state
+
+
+# -- consolidated fp32 export ----------------------------------------------------------------------
+_MODEL_STATES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
+
+
+def has_model_states(tag_dir: str | Path) -> bool:
+    """True for a DeepSpeed checkpoint tag directory (complete or not, universal or not)."""
+    return any((Path(tag_dir) / name).is_file() for name in _MODEL_STATES)
+
+
+def _model_states_file(tag_dir: Path) -> Path:
+    for name in _MODEL_STATES:
+        if (tag_dir / name).is_file():
+            return tag_dir / name
+    raise FileNotFoundError(f"no DeepSpeed model-states file in {tag_dir}")
+
+
+def consolidated_state_dict(tag_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(fp32 state dict of the model, client state) from a DeepSpeed checkpoint of any ZeRO stage.
+
+    ZeRO 1-3 checkpoints (and bf16 ones, whose fp32 master weights live in the optimizer files)
+    go through ``deepspeed.utils.zero_to_fp32``; ZeRO-0 fp32 checkpoints hold the full module.
+    Runs on one process, without a process group.
+    """
+    tag_dir = Path(tag_dir)
+    states = torch.load(_model_states_file(tag_dir), map_location="cpu", weights_only=False)
+    client = states[CLIENT_KEY]
+    has_optim_shards = any(p.name.endswith("optim_states.pt") for p in tag_dir.iterdir())
+    if has_optim_shards:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        sd = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    else:
+        sd = states["module"]
+    sd = {k: (v.float() if v.is_floating_point() else v).clone() for k, v in sd.items()}
+    return sd, client
+
+
+def export_consolidated(tag_dir: str | Path, out_path: str | Path) -> Path:
+    """Write ``{"state_dict", "ema_state_dict", "config", "step"}`` (fp32, CPU) to ``out_path``.
+
+    ``ema_state_dict`` holds the EMA parameters with the model's buffers (BatchNorm statistics),
+    so both dicts load strictly into a plain model.
+    """
+    sd, client = consolidated_state_dict(tag_dir)
+    ema_params = client["ema"]["state_dict"]
+    ema_sd = {k: (ema_params[k].float() if k in ema_params else v) for k, v in sd.items()}
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    torch.save({"state_dict": sd, "ema_state_dict": ema_sd, "config": client["config"], "step": client["step"]}, tmp)
+    os.replace(tmp, out_path)
+    return out_path
+
+
+def load_exported(path: str | Path, use_ema: bool = True):
+    """(plain AttentiveVAE in eval mode, ExperimentConfig) from a file written by :func:`export_consolidated`."""
+    from avi_scale.config import from_dict
+    from avi_scale.model import AttentiveVAE
+
+    blob = torch.load(path, map_location="cpu", weights_only=False)
+    cfg = from_dict(blob["config"])
+    model = AttentiveVAE(cfg.model)
+    model.load_state_dict(blob["ema_state_dict" if use_ema else "state_dict"])
+    model.eval()
+    return model, cfg

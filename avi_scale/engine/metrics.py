@@ -1,0 +1,221 @@
+"""What rank 0 writes: ``metrics.jsonl``, TensorBoard scalars and images, a progress bar, PNG grids;
+and the measurements behind them (peak memory, counted FLOPs, MFU).
+
+``metrics.jsonl`` holds one JSON object per line with a ``kind``:
+
+* ``"train"`` (every ``train.log_every`` steps, averaged over the steps since the previous line):
+  ``step, epoch, time, loss, neg_elbo, bpd, recon_nll, kl, kl_per_layer`` (list, nats per image,
+  layer 1 = top), ``grad_norm, lr, beta, skipped_steps, images_per_s, step_time_s,
+  data_wait_frac, peak_mem_mb, tflops`` and, when the device peak is known, ``mfu``;
+* ``"eval"`` (every ``train.eval_every`` steps and at the end, EMA weights, the validation split):
+  ``step, epoch, time, val_neg_elbo, val_nll, val_bpd, val_recon_nll, val_kl, val_kl_per_layer,
+  val_images, checkpoint``;
+* ``"final"``: the returned metrics of :func:`avi_scale.engine.train`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import resource
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch.overrides import TorchFunctionMode
+
+# Dense peak TFLOP/s per device for the MFU estimate, by (name fragment, precision).
+_PEAK_TFLOPS = {
+    ("H200", "bf16"): 989.0, ("H200", "fp16"): 989.0, ("H200", "fp32"): 67.0,
+    ("H100", "bf16"): 989.0, ("H100", "fp16"): 989.0, ("H100", "fp32"): 67.0,
+    ("A100", "bf16"): 312.0, ("A100", "fp16"): 312.0, ("A100", "fp32"): 19.5,
+}
+
+
+def peak_tflops(device: torch.device, precision: str, configured: float) -> Optional[float]:
+    """The configured per-device peak, else the table's for known GPUs, else None (CPU)."""
+    if configured > 0:
+        return configured
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for (fragment, prec), value in _PEAK_TFLOPS.items():
+            if fragment in name and prec == precision:
+                return value
+    return None
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak allocated accelerator memory, or on CPU the peak resident set size of this process."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+
+
+class _ForwardFlops(TorchFunctionMode):
+    """Counts the multiply-adds (x2) of convolutions, linear maps, matmuls, einsums and
+    scaled-dot-product attention while active; elementwise ops are not counted."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flops = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = getattr(func, "__name__", "")
+        if name in ("conv2d", "conv1d", "conv3d", "conv_transpose2d"):
+            weight = args[1] if len(args) > 1 else kwargs["weight"]
+            self.flops += 2 * out.numel() * weight[0].numel()
+        elif name == "linear":
+            weight = args[1] if len(args) > 1 else kwargs["weight"]
+            self.flops += 2 * out.numel() * weight.shape[-1]
+        elif name in ("matmul", "bmm", "mm", "__matmul__"):
+            self.flops += 2 * out.numel() * args[0].shape[-1]
+        elif name == "einsum":
+            self.flops += _einsum_flops(args[0], args[1:] if len(args) > 2 or not isinstance(args[1], (list, tuple)) else args[1])
+        elif name == "scaled_dot_product_attention":
+            q, k, v = args[:3]
+            self.flops += 2 * (q.numel() // q.shape[-1]) * k.shape[-2] * (q.shape[-1] + v.shape[-1])
+        return out
+
+
+def _einsum_flops(equation: str, operands) -> int:
+    """2 x the product of the sizes of every index letter (one multiply-add per combination)."""
+    inputs = equation.replace(" ", "").split("->")[0].split(",")
+    sizes: dict[str, int] = {}
+    for letters, op in zip(inputs, operands):
+        for letter, n in zip(letters, op.shape):
+            sizes[letter] = n
+    return 2 * math.prod(sizes.values())
+
+
+def count_flops(model_cfg: Any, batch: int = 2) -> dict[str, float]:
+    """Model FLOPs per image: the forward pass counted op by op on a fresh CPU model, a training
+    step estimated as 3x the forward (backward ~ 2x forward; activation recomputation is not
+    model FLOPs and is left out)."""
+    from avi_scale.model import AttentiveVAE
+
+    model = AttentiveVAE(dataclasses.replace(model_cfg, activation_checkpointing=False))
+    x = torch.rand(batch, model_cfg.image_channels, model_cfg.image_size, model_cfg.image_size)
+    if model_cfg.likelihood == "bernoulli":
+        x = (x > 0.5).float()
+    counter = _ForwardFlops()
+    with torch.no_grad(), counter:
+        model(x, beta=1.0)
+    forward = counter.flops / batch
+    return {"forward_per_image": float(forward), "train_per_image": 3.0 * forward}
+
+
+# -- images ----------------------------------------------------------------------------------------
+def image_grid(images: torch.Tensor, nrow: int, pad: int = 2) -> np.ndarray:
+    """[N, C, H, W] in [0, 1] -> uint8 array [rows*(H+pad)+pad, nrow*(W+pad)+pad, 3] on a white ground."""
+    x = images.detach().float().clamp(0, 1).cpu().numpy()
+    n, c, h, w = x.shape
+    if c == 1:
+        x = np.repeat(x, 3, axis=1)
+    rows = math.ceil(n / nrow)
+    grid = np.ones((rows * (h + pad) + pad, nrow * (w + pad) + pad, 3), dtype=np.float32)
+    for i in range(n):
+        r, col = divmod(i, nrow)
+        top, left = pad + r * (h + pad), pad + col * (w + pad)
+        grid[top:top + h, left:left + w] = x[i].transpose(1, 2, 0)
+    return (grid * 255.0 + 0.5).astype(np.uint8)
+
+
+def save_png(grid: np.ndarray, path: str | Path, scale: int = 2) -> Path:
+    from PIL import Image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = Image.fromarray(grid)
+    if scale > 1:
+        img = img.resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
+    img.save(path)
+    return path
+
+
+# -- the writer (rank 0 only) ------------------------------------------------------------------------
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)  # "nan" / "inf": strict JSON has no literal for them
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(u) for u in v]
+    if isinstance(v, dict):
+        return {k: _jsonable(u) for k, u in v.items()}
+    if isinstance(v, Path):
+        return str(v)
+    return v
+
+
+class MetricsWriter:
+    """metrics.jsonl + TensorBoard + tqdm on rank 0; every method is a no-op on other ranks."""
+
+    def __init__(self, run_dir: Path, enabled: bool, total_steps: int, initial_step: int, progress_bar: bool):
+        self.enabled = enabled
+        self.run_dir = run_dir
+        self._tb = None
+        self._bar = None
+        self._file = None
+        if not enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+        from tqdm import tqdm
+
+        path = run_dir / "metrics.jsonl"
+        kept = []
+        if path.exists():  # keep what the run logged up to the step it resumes from
+            for line in path.read_text().splitlines():
+                row = json.loads(line)
+                if row.get("kind") != "final" and row.get("step", 0) <= initial_step and initial_step > 0:
+                    kept.append(line)
+        path.write_text("".join(line + "\n" for line in kept))
+        self._file = open(path, "a", buffering=1)
+        self._tb = SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=initial_step or None)
+        self._bar = tqdm(total=total_steps, initial=initial_step, disable=not progress_bar,
+                         dynamic_ncols=True, desc="train")
+
+    def record(self, kind: str, values: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        row = {"kind": kind, "time": time.time(), **values}
+        self._file.write(json.dumps(_jsonable(row)) + "\n")
+        if kind == "final":
+            return
+        step = int(values["step"])
+        prefix = kind
+        for key, v in values.items():
+            if key in ("step",):
+                continue
+            if isinstance(v, (list, tuple)):
+                for i, u in enumerate(v):
+                    if isinstance(u, (int, float)):
+                        self._tb.add_scalar(f"{prefix}/{key}/{i + 1:02d}", u, step)
+            elif isinstance(v, (int, float)) and not isinstance(v, bool):
+                self._tb.add_scalar(f"{prefix}/{key}", v, step)
+
+    def image(self, tag: str, grid: np.ndarray, step: int) -> None:
+        if self.enabled:
+            self._tb.add_image(tag, grid, step, dataformats="HWC")
+
+    def advance(self, n: int, postfix: Optional[dict] = None) -> None:
+        if self._bar is not None:
+            self._bar.update(n)
+            if postfix:
+                self._bar.set_postfix(postfix, refresh=False)
+
+    def write(self, message: str) -> None:
+        """A line on the console that does not break the progress bar."""
+        if self._bar is not None:
+            self._bar.write(message)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._file is not None:
+            self._file.close()
+        self._bar = self._tb = self._file = None

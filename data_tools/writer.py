@@ -1,0 +1,387 @@
+"""Split a :class:`~data_tools.sources.Source` and write it as tar shards + ``manifest.json``.
+
+Order and splits are fixed by ``--seed``: each official split is permuted; "test" (when the source has
+none) and then "val" are carved off the start of the permuted training set.  Samples are encoded as
+``<origin>_<index>.png`` (lossless) and ``<origin>_<index>.cls`` where ``origin``/``index`` locate the
+image in the source.  A shard closes when it reaches ``--shard-samples`` samples or ``--shard-mb`` MB.
+
+Crash safety: each shard is written to a temporary file and appears under its final name only when
+complete (an atomic rename on disk; a single upload on S3).  After every shard, a journal
+(``_progress.json``) records the finished shards; ``manifest.json`` is written last and the journal
+removed.  Re-running the same command resumes after the last finished shard; a different command on an
+unfinished output, or any command on a finished one, is refused unless ``--overwrite``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from avi_scale.data import openers
+from avi_scale.data.errors import NotFoundError, StorageError
+from avi_scale.data.manifest import FORMAT, VERSION, check_manifest
+from data_tools.sources import Source, SourceError
+
+JOURNAL = "_progress.json"
+MANIFEST = "manifest.json"
+SPLIT_ORDER = ("train", "val", "test")
+SHARD_NAME = re.compile(r"^(train|val|test)-\d{6}\.tar$")
+_TAR_MTIME = 946684800  # fixed member times make shards byte-identical across runs
+
+
+class ConvertError(RuntimeError):
+    """The conversion cannot proceed (output state, arguments); the message says what to do."""
+
+
+@dataclass
+class WriteOptions:
+    out: str
+    seed: int = 0
+    val_fraction: float = 0.1
+    test_fraction: Optional[float] = None  # None: 0.1 when the source has no official test split
+    shard_mb: float = 64.0
+    shard_samples: Optional[int] = None
+    endpoint_url: Optional[str] = None
+    overwrite: bool = False
+    progress: bool = True
+    command: str = ""
+
+
+# -------------------------------------------------------------------------------------------- stores
+
+
+class LocalStore:
+    """A local output directory; files appear atomically (write to a hidden temp file, then rename)."""
+
+    def __init__(self, root: str):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.location = str(self.root)
+
+    def temp_path(self, name: str) -> Path:
+        return self.root / f".{name}.partial"
+
+    def put_file(self, name: str, path: Path) -> None:
+        os.replace(path, self.root / name)
+
+    def put_bytes(self, name: str, data: bytes) -> None:
+        temp = self.temp_path(name)
+        with open(temp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, self.root / name)
+
+    def get_bytes(self, name: str) -> Optional[bytes]:
+        path = self.root / name
+        return path.read_bytes() if path.is_file() else None
+
+    def size(self, name: str) -> Optional[int]:
+        path = self.root / name
+        return path.stat().st_size if path.is_file() else None
+
+    def delete(self, name: str) -> None:
+        (self.root / name).unlink(missing_ok=True)
+
+    def names(self) -> list[str]:
+        return sorted(p.name for p in self.root.iterdir() if p.is_file())
+
+    def clean_temporaries(self) -> None:
+        for name in self.names():
+            if name.startswith(".") and name.endswith(".partial"):
+                self.delete(name)
+
+    def close(self) -> None:
+        self.clean_temporaries()
+
+
+class S3Store:
+    """``s3://bucket/prefix``: shards are staged in a local temp dir and uploaded whole (never partial)."""
+
+    def __init__(self, url: str, endpoint_url: Optional[str]):
+        if endpoint_url:
+            openers.configure(endpoint_url=endpoint_url)
+        self.bucket, prefix = openers.parse_s3_url(url)
+        self.prefix = prefix.strip("/")
+        self.location = f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
+        self.client = openers.s3_client()
+        try:
+            openers.s3_call(self.location, lambda: self.client.head_bucket(Bucket=self.bucket))
+        except NotFoundError:
+            raise StorageError(f"S3 bucket {self.bucket!r} does not exist at "
+                               f"{openers.endpoint_url() or 'the AWS default endpoint'}; create it first") from None
+        self._temp = Path(tempfile.mkdtemp(prefix="avi-shards-"))
+
+    def _key(self, name: str) -> str:
+        return f"{self.prefix}/{name}" if self.prefix else name
+
+    def _request(self, method: str, name: str, **kwargs: Any) -> Any:
+        """One retried S3 call about object ``name``."""
+        key = self._key(name)
+        return openers.s3_call(f"s3://{self.bucket}/{key}",
+                               lambda: getattr(self.client, method)(Bucket=self.bucket, Key=key, **kwargs))
+
+    def temp_path(self, name: str) -> Path:
+        return self._temp / name
+
+    def put_file(self, name: str, path: Path) -> None:
+        key = self._key(name)
+
+        def upload() -> Any:
+            with open(path, "rb") as f:  # reopened on each attempt
+                return self.client.put_object(Bucket=self.bucket, Key=key, Body=f)
+
+        openers.s3_call(f"s3://{self.bucket}/{key}", upload)
+        path.unlink()
+
+    def put_bytes(self, name: str, data: bytes) -> None:
+        self._request("put_object", name, Body=data)
+
+    def get_bytes(self, name: str) -> Optional[bytes]:
+        try:
+            return self._request("get_object", name)["Body"].read()
+        except NotFoundError:
+            return None
+
+    def size(self, name: str) -> Optional[int]:
+        try:
+            return int(self._request("head_object", name)["ContentLength"])
+        except NotFoundError:
+            return None
+
+    def delete(self, name: str) -> None:
+        self._request("delete_object", name)
+
+    def names(self) -> list[str]:
+        prefix = f"{self.prefix}/" if self.prefix else ""
+
+        def listing() -> list[str]:
+            paginator = self.client.get_paginator("list_objects_v2")
+            pages = paginator.paginate(Bucket=self.bucket, Prefix=prefix, Delimiter="/")
+            return [item["Key"] for page in pages for item in page.get("Contents", [])]
+
+        return sorted(key[len(prefix):] for key in openers.s3_call(self.location, listing))
+
+    def clean_temporaries(self) -> None:
+        """Uploads are atomic: a crash leaves nothing half-written in the bucket."""
+
+    def close(self) -> None:
+        shutil.rmtree(self._temp, ignore_errors=True)
+
+
+def open_store(out: str, endpoint_url: Optional[str]) -> LocalStore | S3Store:
+    if out.startswith("s3://"):
+        return S3Store(out, endpoint_url)
+    if "://" in out:
+        raise ConvertError(f"--out {out}: write to a local directory or s3://bucket/prefix")
+    return LocalStore(out)
+
+
+# -------------------------------------------------------------------------------------------- splits
+
+
+def carved_test_fraction(test_fraction: Optional[float]) -> float:
+    """The share carved off for "test" from a source without an official test split (default 0.1)."""
+    return 0.1 if test_fraction is None else test_fraction
+
+
+def plan_splits(source: Source, val_fraction: float, test_fraction: Optional[float], seed: int) -> dict:
+    """split -> (origin split name, image set, index order); empty splits are left out."""
+    for name, value in (("--val-fraction", val_fraction), ("--test-fraction", test_fraction)):
+        if value is not None and not 0.0 <= value < 1.0:
+            raise ConvertError(f"{name} must be in [0, 1), got {value}")
+    if test_fraction is not None and "test" in source.splits:
+        raise ConvertError(f"{source.name} has an official test split: --test-fraction does not apply")
+    if val_fraction and "val" in source.splits:
+        raise ConvertError(f"{source.name} has an official validation split: use --val-fraction 0")
+    rng = np.random.default_rng(seed)
+    train = source.splits["train"]
+    order = rng.permutation(len(train))
+    plan = {}
+    carve = [("test", carved_test_fraction(test_fraction))] if "test" not in source.splits else []
+    carve.append(("val", val_fraction))
+    for split, fraction in carve:
+        n = int(round(fraction * len(train)))
+        if n:
+            plan[split] = ("train", train, order[:n])
+            order = order[n:]
+    if len(order) == 0:
+        raise ConvertError("--val-fraction and --test-fraction leave no training samples")
+    plan["train"] = ("train", train, order)
+    for split in ("val", "test"):
+        if split in source.splits and len(source.splits[split]):
+            plan[split] = (split, source.splits[split], rng.permutation(len(source.splits[split])))
+    return {split: plan[split] for split in SPLIT_ORDER if split in plan}
+
+
+# --------------------------------------------------------------------------------------------- write
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image[..., 0] if image.shape[2] == 1 else image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _fingerprint(source: Source, plan: dict, opts: WriteOptions) -> str:
+    described = {"source": source.info, "name": source.name, "shape": source.shape, "seed": opts.seed,
+                 "val_fraction": opts.val_fraction, "test_fraction": opts.test_fraction,
+                 "shard_mb": opts.shard_mb, "shard_samples": opts.shard_samples,
+                 "splits": {k: len(v[2]) for k, v in plan.items()}}
+    return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _start_or_resume(store: LocalStore | S3Store, fingerprint: str, overwrite: bool) -> dict:
+    """The journal to continue from (empty for a fresh start), after checking the output's state."""
+    fresh = {"fingerprint": fingerprint, "splits": {}}
+    if overwrite:
+        for name in store.names():
+            if SHARD_NAME.match(name) or name in (MANIFEST, JOURNAL):
+                store.delete(name)
+        store.clean_temporaries()
+        return fresh
+    if store.size(MANIFEST) is not None:
+        raise ConvertError(f"{store.location} already holds a converted dataset ({MANIFEST}); "
+                           f"pass --overwrite to replace it, or choose another --out")
+    store.clean_temporaries()
+    raw = store.get_bytes(JOURNAL)
+    if raw is None:
+        stale = [n for n in store.names() if SHARD_NAME.match(n)]
+        if stale:
+            raise ConvertError(f"{store.location} holds shards ({stale[0]}, ...) but no {MANIFEST} or {JOURNAL}; "
+                               f"pass --overwrite to replace them")
+        return fresh
+    journal = json.loads(raw)
+    if journal.get("fingerprint") != fingerprint:
+        raise ConvertError(f"{store.location} holds an unfinished conversion made with different input or "
+                           f"options ({JOURNAL}); re-run that command to finish it, or pass --overwrite")
+    for split, shards in journal["splits"].items():
+        for shard in shards:
+            if store.size(shard["name"]) != shard["bytes"]:
+                raise ConvertError(f"{store.location}/{shard['name']} is recorded as finished in {JOURNAL} but is "
+                                   f"missing or has another size; pass --overwrite to start again")
+    return journal
+
+
+def _write_shard(store: LocalStore | S3Store, name: str, origin: str, images: Any, indices: np.ndarray,
+                 opts: WriteOptions, progress: Any) -> dict:
+    """Write samples ``indices`` (until a size limit) to shard ``name``; returns its journal record."""
+    import webdataset as wds
+
+    channels = images.shape[2]
+    sums, squares = np.zeros(channels), np.zeros(channels)
+    max_bytes = opts.shard_mb * 1e6
+    limit = opts.shard_samples or len(indices)
+    temp = store.temp_path(name)
+    count, size = 0, 0
+    with open(temp, "wb") as stream:
+        with wds.TarWriter(stream, encoder=False, mtime=_TAR_MTIME) as tar:
+            while count < min(limit, len(indices)) and size < max_bytes:
+                index = int(indices[count])
+                image = images.image(index)
+                if image.shape != images.shape:
+                    raise SourceError(f"{origin} sample {index}: shape {image.shape}, expected {images.shape}")
+                png = encode_png(image)
+                label = str(int(images.labels[index])).encode()
+                tar.write({"__key__": f"{origin}_{index:08d}", "png": png, "cls": label})
+                size += len(png) + len(label) + 2048  # two members: headers and padding
+                pixels = image.reshape(-1, channels).astype(np.float64) / 255.0
+                sums += pixels.sum(axis=0)
+                squares += (pixels * pixels).sum(axis=0)
+                count += 1
+                progress.update(1)
+        stream.flush()
+        os.fsync(stream.fileno())
+    digest = hashlib.sha256()
+    with open(temp, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    record = {"name": name, "count": count, "bytes": temp.stat().st_size, "sha256": digest.hexdigest(),
+              "sum": sums.tolist(), "sumsq": squares.tolist()}
+    store.put_file(name, temp)
+    return record
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+
+def _statistics(shards: list[dict], shape: tuple[int, int, int]) -> tuple[list[float], list[float]]:
+    n = sum(s["count"] for s in shards) * shape[0] * shape[1]
+    sums = np.sum([s["sum"] for s in shards], axis=0)
+    squares = np.sum([s["sumsq"] for s in shards], axis=0)
+    mean = sums / n
+    std = np.sqrt(np.maximum(squares / n - mean * mean, 0.0))
+    return [round(float(v), 6) for v in mean], [round(float(v), 6) for v in std]
+
+
+def _pattern(split: str, count: int) -> str:
+    return f"{split}-000000.tar" if count == 1 else f"{split}-{{000000..{count - 1:06d}}}.tar"
+
+
+def convert(source: Source, opts: WriteOptions) -> dict:
+    """Write ``source`` to ``opts.out`` (directory or s3://bucket/prefix); returns the manifest."""
+    from tqdm import tqdm
+
+    if opts.shard_mb <= 0 or (opts.shard_samples is not None and opts.shard_samples < 1):
+        raise ConvertError("--shard-mb must be > 0 and --shard-samples >= 1")
+    plan = plan_splits(source, opts.val_fraction, opts.test_fraction, opts.seed)
+    store = open_store(opts.out, opts.endpoint_url)
+    try:
+        journal = _start_or_resume(store, _fingerprint(source, plan, opts), opts.overwrite)
+        done = sum(s["count"] for shards in journal["splits"].values() for s in shards)
+        total = sum(len(p[2]) for p in plan.values())
+        bar = tqdm(total=total, initial=done, unit="img", unit_scale=True, desc=f"{source.name} -> {store.location}") \
+            if opts.progress else contextlib.nullcontext(_NoBar())  # a disabled tqdm still starts a monitor thread
+        with bar as progress:
+            for split, (origin, images, order) in plan.items():
+                shards = journal["splits"].setdefault(split, [])
+                position = sum(s["count"] for s in shards)
+                while position < len(order):
+                    record = _write_shard(store, f"{split}-{len(shards):06d}.tar", origin, images, order[position:],
+                                          opts, progress)
+                    shards.append(record)
+                    position += record["count"]
+                    store.put_bytes(JOURNAL, json.dumps(journal).encode())
+        splits = {}
+        for split, shards in journal["splits"].items():
+            mean, std = _statistics(shards, source.shape)
+            splits[split] = {"count": sum(s["count"] for s in shards), "pattern": _pattern(split, len(shards)),
+                             "shards": [{k: s[k] for k in ("name", "count", "bytes", "sha256")} for s in shards],
+                             "mean": mean, "std": std}
+        labels = np.concatenate([np.asarray(p[1].labels)[p[2]] for p in plan.values()])
+        labelled = bool(labels.size) and int(labels.min()) >= 0
+        manifest = {
+            "format": FORMAT, "version": VERSION, "name": source.name,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": opts.command,
+            "source": source.info,
+            "image": {"shape": list(source.shape), "dtype": "uint8", "encoding": "png"},
+            "keys": {"image": "png", "label": "cls"},
+            "num_classes": (len(source.class_names or []) or int(labels.max()) + 1) if labelled else 0,
+            "class_names": source.class_names if labelled else None,
+            "seed": opts.seed, "val_fraction": opts.val_fraction,
+            "test_fraction": None if "test" in source.splits else carved_test_fraction(opts.test_fraction),
+            "shard_limits": {"max_mb": opts.shard_mb, "max_samples": opts.shard_samples},
+            "splits": {k: splits[k] for k in SPLIT_ORDER if k in splits},
+        }
+        check_manifest(manifest, f"{store.location}/{MANIFEST}")
+        store.put_bytes(MANIFEST, json.dumps(manifest, indent=2).encode())
+        store.delete(JOURNAL)
+        return manifest
+    finally:
+        store.close()

@@ -1,0 +1,46 @@
+# Shared by the launch scripts (sourced, not run).  Every script takes the experiment YAML and
+# dotlist overrides, prints the command it starts, then replaces itself with it.
+#   AVI_DRY_RUN=1   print the command only
+#   PYTHON, DEEPSPEED, TORCHRUN   the interpreters/launchers to use (default: from PATH)
+
+avi_usage() {
+  echo "usage: $(basename "$0") CONFIG.yaml [key=value ...]" >&2
+  echo "$1" >&2
+  exit 2
+}
+
+avi_need_config() {
+  [ $# -ge 1 ] || avi_usage "missing the experiment config"
+  [ -f "$1" ] || avi_usage "config file not found: $1"
+}
+
+# GPUs on this node (0 without nvidia-smi)
+avi_gpu_count() {
+  if command -v nvidia-smi >/dev/null 2>&1; then
+    nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true
+  else
+    echo 0
+  fi
+}
+
+# CPU-only nodes: DeepSpeed's CPU accelerator, and one compute thread per core per rank
+# (the deepspeed launcher, unlike torchrun, leaves OMP_NUM_THREADS unset: ranks would oversubscribe).
+avi_cpu_defaults() {
+  local nproc_per_node=$1
+  if [ "$(avi_gpu_count)" = 0 ]; then
+    export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}"
+    local cores
+    cores=$(nproc)
+    export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( cores / nproc_per_node > 0 ? cores / nproc_per_node : 1 ))}"
+  fi
+}
+
+avi_run() {
+  printf 'launching:'
+  printf ' %q' "$@"
+  printf '\n'
+  if [ "${AVI_DRY_RUN:-0}" = 1 ]; then
+    exit 0
+  fi
+  exec "$@"
+}

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# One node, NPROC ranks, through the deepspeed launcher.
+#   NPROC        ranks (default: the GPUs of this node, else 1)
+#   MASTER_PORT  rendezvous port (default 29500)
+# Example: NPROC=2 launch/deepspeed_single_node.sh configs/tiny_mnist5k.yaml deepspeed.zero_stage=2
+set -euo pipefail
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+source "$here/common.sh"
+avi_need_config "$@"
+
+gpus=$(avi_gpu_count)
+nproc="${NPROC:-$(( gpus > 0 ? gpus : 1 ))}"
+avi_cpu_defaults "$nproc"
+avi_run "${DEEPSPEED:-deepspeed}" --num_gpus "$nproc" --master_port "${MASTER_PORT:-29500}" \
+  --no_local_rank --module avi_scale.cli "$@"
