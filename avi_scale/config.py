@@ -185,7 +185,8 @@ class TuneConfig:
     perturbation_interval: int = 0  # PBT: training steps between exploit/explore decisions (0: train.eval_every)
     quantile_fraction: float = 0.25  # PBT: bottom fraction that clones the top fraction
     resample_probability: float = 0.25  # PBT: chance that a mutated value is drawn afresh instead of perturbed
-    keep_checkpoints: int = 2  # checkpoints Tune keeps per trial (the latest ones)
+    pbt_synch: bool = False  # PBT: every trial waits at each interval and all are ranked together
+    keep_checkpoints: int = 2  # checkpoints Tune keeps per trial, the latest ones (PBT keeps all: clones need them)
     storage: str = "runs/tune"  # local directory or s3://bucket/prefix holding the experiment
     trial_output_root: str = ""  # engine run directories of the trials ("": <storage>/<name>/runs for local storage)
     results_dir: str = ""  # results table, best config and plots ("": the experiment directory when local)

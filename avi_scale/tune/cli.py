@@ -9,6 +9,7 @@ retries); 2 bad config or arguments; 130 interrupted (continue with ``--resume``
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from typing import Optional, Sequence
 
@@ -81,6 +82,7 @@ def tune_main(argv: Optional[Sequence[str]] = None) -> int:
 
     from avi_scale.tune.search import run_search
 
+    resume_command = shlex.join(["avi-tune", args.search, *args.overrides, "--resume"])
     try:
         outcome = run_search(cfg, resume=args.resume, retry_errored=args.retry_errored,
                              restart_errored=args.restart_errored, address=args.address, num_cpus=args.num_cpus,
@@ -89,12 +91,14 @@ def tune_main(argv: Optional[Sequence[str]] = None) -> int:
     except ConfigError as exc:
         print(f"avi-tune: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a second Ctrl+C: Ray skipped its last state snapshot
+        print(f"avi-tune: interrupted; continue with: {resume_command}", file=sys.stderr)
+        return 130
     print((outcome.files["markdown"]).read_text())
     for kind, path in outcome.files.items():
         print(f"avi-tune: {kind}: {path}")
     if outcome.interrupted:
-        print(f"avi-tune: interrupted with unfinished trials; continue with: avi-tune {args.search} "
-              f"{' '.join(args.overrides)} --resume".replace("  ", " "), file=sys.stderr)
+        print(f"avi-tune: interrupted with unfinished trials; continue with: {resume_command}", file=sys.stderr)
         return 130
     if outcome.num_errors:
         print(f"avi-tune: {outcome.num_errors} trial(s) failed (see the error column and the trial logs); "

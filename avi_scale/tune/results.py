@@ -83,18 +83,19 @@ def collect(grid: Any, plan: Any) -> list[TrialRow]:
         if df is not None and len(df) and "step" in df.columns:
             last_step = int(df["step"].max())
         metrics = result.metrics or {}
+        try:
+            config = apply_overrides(base, overrides_for(plan.dims, params))
+        except ConfigError:  # values the base config refuses together (the trial failed; its error says why)
+            config = None
+        end = (config.train.stop_after or config.train.steps) if config is not None else plan.end_step
         if result.error is not None:
             status = ERROR
-        elif last_step is not None and last_step >= plan.end_step:
+        elif last_step is not None and last_step >= end:
             status = FINISHED
         elif metrics.get("done"):
             status = STOPPED
         else:
             status = UNFINISHED
-        try:
-            config = apply_overrides(base, overrides_for(plan.dims, params))
-        except ConfigError:  # values the base config refuses together (the trial failed; its error says why)
-            config = None
         checkpoint = result.checkpoint.path if result.checkpoint is not None else None
         error = None
         if result.error is not None:
@@ -168,7 +169,7 @@ def _depth_plot(table: dict[bool, dict[int, float]], plan: Any, path: Path) -> P
     ax.set_xlabel("variational layers (model.num_layers)")
     unit = {"val_bpd": "bits/dim", "bpd": "bits/dim"}.get(metric, "nats")
     ax.set_ylabel(f"{metric} ({unit}, {'lower' if plan.cfg.tune.mode == 'min' else 'higher'} is better)")
-    ax.set_title(f"{plan.name}: {metric} vs depth (trials run to step {plan.end_step})")
+    ax.set_title(f"{plan.name}\n{metric} vs depth (trials run to step {plan.end_step})", fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -41,8 +41,41 @@ def _absolute(path: str) -> str:
 
 
 # -- loading ---------------------------------------------------------------------------------------------
+def _layers(path: Path, chain: tuple[Path, ...] = ()) -> list[DictConfig]:
+    """The YAML layers of a search file: its ``base:`` chain first (each relative to its own file)."""
+    resolved = path.resolve()
+    if resolved in chain:
+        raise ConfigError(f"{path}: the base: chain comes back to this file ({' -> '.join(map(str, chain))})")
+    raw = OmegaConf.load(path)
+    if not isinstance(raw, DictConfig):
+        raise ConfigError(f"{path}: a search file is a mapping (base:, config sections, tune:), "
+                          f"got a {type(raw).__name__}")
+    base = raw.pop("base", None)
+    layers: list[DictConfig] = []
+    if base is not None:
+        if not isinstance(base, str) or not base:
+            raise ConfigError(f"{path}: base must be the path of an experiment or search config, got {base!r}")
+        base_path = Path(base).expanduser()
+        if not base_path.is_absolute():
+            base_path = path.parent / base_path
+        if not base_path.is_file():
+            raise ConfigError(f"{path}: base config {base!r} not found (looked at {base_path})")
+        layers = _layers(base_path, chain + (resolved,))
+    return layers + [raw]
+
+
+def _search_space_of(layer: DictConfig) -> bool:
+    tune = layer.get("tune")
+    return isinstance(tune, DictConfig) and "search_space" in tune
+
+
 def load_search(path: str | Path, overrides: Sequence[str] = ()) -> ExperimentConfig:
-    """Search YAML (+ its ``base:`` config) + dotlist overrides -> a validated config with a tune section."""
+    """Search YAML (+ its ``base:`` chain) + dotlist overrides -> a validated config with a tune section.
+
+    Config sections merge key by key down the chain, except ``tune.search_space``: a file that has one
+    replaces its base's (a search is what its file says).  ``tune.search_space={...}`` on the command
+    line replaces the whole space; ``tune.search_space.<key>=...`` adds or replaces one entry.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"search file not found: {path}")
@@ -50,30 +83,26 @@ def load_search(path: str | Path, overrides: Sequence[str] = ()) -> ExperimentCo
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
     try:
-        raw = OmegaConf.load(path)
-        if not isinstance(raw, DictConfig):
-            raise ConfigError(f"{path}: a search file is a mapping (base:, config sections, tune:), "
-                              f"got a {type(raw).__name__}")
-        layers = []
-        base = raw.pop("base", None)
-        if base is not None:
-            if not isinstance(base, str) or not base:
-                raise ConfigError(f"{path}: base must be the path of an experiment config, got {base!r}")
-            base_path = Path(base).expanduser()
-            if not base_path.is_absolute():
-                base_path = path.parent / base_path
-            if not base_path.is_file():
-                raise ConfigError(f"{path}: base config {base!r} not found (looked at {base_path})")
-            layers.append(OmegaConf.load(base_path))
-        layers.append(raw)
-        if overrides:
-            layers.append(OmegaConf.from_dotlist(list(overrides)))
-        merged = OmegaConf.to_container(OmegaConf.merge(*layers))
+        merged = OmegaConf.create({})
+        for layer in _layers(path):
+            if _search_space_of(layer) and _search_space_of(merged):
+                del merged.tune["search_space"]
+            merged = OmegaConf.merge(merged, layer)
+        for item in overrides:
+            key = item.split("=", 1)[0].strip()
+            if key == "tune.search_space" and _search_space_of(merged):
+                del merged.tune["search_space"]  # the whole space given on the command line replaces the file's
+            elif key.startswith("tune.search_space.") and _search_space_of(merged):
+                entry = key[len("tune.search_space."):]
+                if entry in merged.tune.search_space:  # a flat 'optim.lr' entry; the override comes nested
+                    del merged.tune.search_space[entry]
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+        plain = OmegaConf.to_container(merged)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     except OmegaConfBaseException as exc:
         raise ConfigError(f"{path}: {str(exc).splitlines()[0]}") from None
-    return from_dict(merged)  # type: ignore[arg-type]
+    return from_dict(plain)  # type: ignore[arg-type]
 
 
 # -- planning --------------------------------------------------------------------------------------------
@@ -91,10 +120,6 @@ class SearchPlan:
     end_step: int
     grace_period: int
     perturbation_interval: int
-
-    @property
-    def local(self) -> bool:
-        return not is_uri(self.storage)
 
     @property
     def depth_search(self) -> bool:
@@ -127,6 +152,9 @@ def plan_search(cfg: ExperimentConfig) -> SearchPlan:
     if t.eval_every < 1:
         raise ConfigError("train.eval_every: must be >= 1 in a search (each evaluation is a Tune report; "
                           "schedulers act on them)")
+    if t.stop_after and t.stop_after % t.eval_every:
+        raise ConfigError(f"train.stop_after: {t.stop_after} is not a multiple of train.eval_every ({t.eval_every}); "
+                          "in a search the last step must be an evaluation, so that Tune sees the end")
     if tu.metric not in KNOWN_METRICS:
         raise ConfigError(f"tune.metric: {tu.metric!r} is not reported by the engine; use one of {list(KNOWN_METRICS)}")
     if tu.metric.startswith("val_"):
@@ -223,7 +251,7 @@ def trial_name(trial: Any) -> str:
 
 def _setup(plan: SearchPlan) -> dict:
     tu = plan.cfg.tune
-    return {"run_root": plan.run_root, "workers": tu.workers_per_trial,
+    return {"run_root": plan.run_root, "experiment_path": plan.experiment_path, "workers": tu.workers_per_trial,
             "cpus_per_worker": tu.cpus_per_worker, "gpus_per_worker": tu.gpus_per_worker}
 
 
@@ -251,7 +279,7 @@ def make_scheduler(plan: SearchPlan) -> Any:
         mutations = {d.name: d.mutation() for d in plan.dims if d.pbt_mutable}
         return PopulationBasedTraining(time_attr=TIME_ATTR, perturbation_interval=plan.perturbation_interval,
                                        hyperparam_mutations=mutations, quantile_fraction=tu.quantile_fraction,
-                                       resample_probability=tu.resample_probability)
+                                       resample_probability=tu.resample_probability, synch=tu.pbt_synch)
     return FIFOScheduler()
 
 
@@ -269,7 +297,8 @@ def make_search_alg(plan: SearchPlan) -> Any:
         return HyperOptSearch(random_state_seed=tu.seed)
     from ray.tune.search import BasicVariantGenerator
 
-    return BasicVariantGenerator(random_state=tu.seed)
+    # the variant generator limits concurrency itself (Tune ignores max_concurrent_trials for it)
+    return BasicVariantGenerator(random_state=tu.seed, max_concurrent=tu.max_concurrent)
 
 
 def make_tuner(plan: SearchPlan, verbose: int = 1) -> Any:
@@ -278,12 +307,16 @@ def make_tuner(plan: SearchPlan, verbose: int = 1) -> Any:
     tu = plan.cfg.tune
     tune_config = tune.TuneConfig(
         metric=tu.metric, mode=tu.mode, search_alg=make_search_alg(plan), scheduler=make_scheduler(plan),
-        num_samples=tu.num_samples, max_concurrent_trials=tu.max_concurrent or None, reuse_actors=False,
+        num_samples=tu.num_samples, reuse_actors=False,
+        max_concurrent_trials=(tu.max_concurrent or None) if tu.search_alg != "random" else None,
         trial_name_creator=trial_name, trial_dirname_creator=trial_name)
     run_config = tune.RunConfig(
         name=plan.name, storage_path=plan.storage, verbose=verbose,
         failure_config=tune.FailureConfig(max_failures=tu.max_failures),
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=tu.keep_checkpoints))
+        # without a run root the engine runs in the trials' working directories: upload them with the results
+        sync_config=tune.SyncConfig(sync_artifacts=plan.run_root is None),
+        # PBT keeps every checkpoint: a trial may clone one its donor has moved past in the meantime
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=None if tu.scheduler == "pbt" else tu.keep_checkpoints))
     return tune.Tuner(make_trainable(plan), param_space=param_space(plan.dims), tune_config=tune_config,
                       run_config=run_config)
 
@@ -326,16 +359,31 @@ def run_search(cfg: ExperimentConfig, *, resume: bool = False, retry_errored: bo
     Uses the Ray instance this process is connected to; otherwise connects to ``address`` or starts a
     local one (``num_cpus``/``num_gpus``/``ray_temp_dir``) and shuts it down at the end.
     """
-    from avi_scale.tune.results import collect, write_results
+    from avi_scale.tune.results import UNFINISHED, collect, write_results
 
     plan = plan_search(cfg)
     if (retry_errored or restart_errored) and not resume:
         raise ConfigError("--retry-errored/--restart-errored continue an existing search: add --resume")
     if retry_errored and restart_errored:
         raise ConfigError("choose one of --retry-errored (from the last checkpoint) and --restart-errored (from scratch)")
-    state_file = f"{plan.experiment_path}/{STATE_FILE}"
-    import ray
     from ray import tune
+
+    state_file = f"{plan.experiment_path}/{STATE_FILE}"
+    saved_text = read_text(state_file)
+    exists = saved_text is not None or tune.Tuner.can_restore(plan.experiment_path)
+    if resume:
+        if saved_text is None or not tune.Tuner.can_restore(plan.experiment_path):
+            raise ConfigError(f"--resume: no avi-tune search to resume at {plan.experiment_path}")
+        saved = plan_search(from_dict(yaml.safe_load(saved_text)))
+        changed = config_differences(saved.cfg, plan.cfg)
+        if changed:
+            log(f"avi-tune: resuming the search as it was started; ignoring changes to {', '.join(changed)}")
+        plan = saved
+    elif exists:
+        raise ConfigError(f"a search named {plan.name!r} already exists at {plan.experiment_path}: continue it "
+                          "with --resume, or choose another tune.name")
+
+    import ray
 
     started = False
     if not ray.is_initialized():
@@ -346,28 +394,20 @@ def run_search(cfg: ExperimentConfig, *, resume: bool = False, retry_errored: bo
         started = True
     try:
         if resume:
-            saved_text = read_text(state_file)
-            if saved_text is None or not tune.Tuner.can_restore(plan.experiment_path):
-                raise ConfigError(f"--resume: no avi-tune search to resume at {plan.experiment_path}")
-            saved = plan_search(from_dict(yaml.safe_load(saved_text)))
-            changed = config_differences(saved.cfg, plan.cfg)
-            if changed:
-                log(f"avi-tune: resuming the search as it was started; ignoring changes to {', '.join(changed)}")
-            plan = saved
             tuner = tune.Tuner.restore(plan.experiment_path, trainable=make_trainable(plan), resume_unfinished=True,
                                        resume_errored=retry_errored, restart_errored=restart_errored)
         else:
-            if tune.Tuner.can_restore(plan.experiment_path) or read_text(state_file) is not None:
-                raise ConfigError(f"a search named {plan.name!r} already exists at {plan.experiment_path}: continue "
-                                  "it with --resume, or choose another tune.name")
             write_text(state_file, to_yaml(plan.cfg))
             tuner = make_tuner(plan, verbose)
         log(f"avi-tune: {'resuming' if resume else 'starting'} search {plan.name!r} at {plan.experiment_path} "
             f"({plan.num_trials()} trial(s), scheduler {plan.cfg.tune.scheduler}, metric {plan.cfg.tune.metric} "
             f"{plan.cfg.tune.mode})")
         grid = tuner.fit()
-        interrupted = grid.num_terminated + grid.num_errors < len(grid)
         rows = collect(grid, plan)
+        # after Ctrl+C Ray marks the trials it stopped as terminated in memory (its saved state keeps
+        # them running, so that a restore continues them): a trial that neither reached the end nor was
+        # stopped by the scheduler, or a trial the search has not created yet, means it was interrupted
+        interrupted = any(r.status == UNFINISHED for r in rows) or len(rows) < plan.num_trials()
         files = write_results(rows, plan)
         return SearchOutcome(plan=plan, rows=rows, files=files, interrupted=interrupted, num_errors=grid.num_errors)
     finally:

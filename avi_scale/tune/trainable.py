@@ -28,23 +28,33 @@ import shutil
 import threading
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from avi_scale.config import ExperimentConfig, from_dict, to_dict
 from avi_scale.tune.space import apply_overrides
 
+EVENTS = "tune_events.log"  # in each trial's run directory: one line per start, restore and end
 MARKER = "tune_trial.json"  # written into each reported checkpoint: which trial reported it, at which step
 _DROP = ("images", "checkpoint")  # engine metrics not sent to Tune as such (paths of PNGs; the tag directory)
 
 
-def trial_run_dir(run_root: Optional[str], trial_id: str) -> Path:
-    """Where a trial's engine run lives: ``<run_root>/<trial_id>``, or the trial's working directory."""
-    if run_root:
-        return Path(run_root) / trial_id
-    return Path(os.getcwd()) / "run"
+def trial_dirs(setup: dict, trial_id: str) -> tuple[Path, Path, str]:
+    """(engine run directory, engine checkpoint directory, where the run directory is kept for good).
+
+    With ``run_root`` (local storage or ``tune.trial_output_root``): ``<run_root>/<trial_id>`` and its
+    ``checkpoints/``.  Otherwise (remote storage) the run lives in ``run/`` of the trial's working
+    directory, which Tune uploads as artifacts to ``<experiment>/trial_<id>/run``; the engine
+    checkpoints sit beside the working directory, as Tune stores each reported one itself.
+    """
+    if setup["run_root"]:
+        run_dir = Path(setup["run_root"]) / trial_id
+        return run_dir, run_dir / "checkpoints", str(run_dir)
+    work = Path(os.getcwd())
+    return work / "run", work.parent / f"{work.name}.checkpoints", f"{setup['experiment_path']}/trial_{trial_id}/run"
 
 
-def trial_config(base: dict, overrides: dict[str, Any], run_dir: Optional[Path]) -> ExperimentConfig:
+def trial_config(base: dict, overrides: dict[str, Any], run_dir: Optional[Path],
+                 ckpt_dir: Optional[Path] = None) -> ExperimentConfig:
     """The config a trial trains: base + searched values, its own run directory, a checkpoint at each report.
 
     Every report must carry a checkpoint (ASHA and FailureConfig restart from it, PBT clones it), so
@@ -52,7 +62,9 @@ def trial_config(base: dict, overrides: dict[str, Any], run_dir: Optional[Path])
     """
     settings: dict[str, Any] = dict(overrides)
     if run_dir is not None:
-        settings.update({"train.output_dir": str(run_dir), "train.checkpoint_dir": "", "train.resume": "auto"})
+        settings.update({"train.output_dir": str(run_dir), "train.resume": "auto",
+                         "train.checkpoint_dir": "" if ckpt_dir is None or ckpt_dir == run_dir / "checkpoints"
+                         else str(ckpt_dir)})
     cfg = apply_overrides(base, settings)
     every, eval_every = cfg.train.checkpoint_every, cfg.train.eval_every
     if eval_every < 1:
@@ -101,7 +113,7 @@ def place_checkpoint(checkpoint: Any, ckpt_dir: Path, trial_id: str) -> str:
         shutil.rmtree(ckpt_dir)
     ckpt_dir.parent.mkdir(parents=True, exist_ok=True)
     os.replace(tmp, ckpt_dir)
-    source = "this trial" if owner == trial_id else f"trial {owner}"
+    source = "this trial" if owner == trial_id else (f"trial {owner}" if owner else "an unknown trial")
     return f"resuming from Tune's checkpoint of {source} at step {step}"
 
 
@@ -111,6 +123,31 @@ def tune_metrics(metrics: dict, run_dir: str) -> dict:
     out["engine_checkpoint"] = metrics.get("checkpoint")
     out["run_dir"] = run_dir
     return out
+
+
+class Reports:
+    """The engine's ``report`` hook: forwards each evaluation at once, except the one at the end of training.
+
+    The engine reports its final evaluation before it writes the consolidated export and returns; Tune
+    may end a trial from inside that report (ASHA stops every trial at ``max_t``), which would cut the
+    run short.  So the last evaluation is held and sent by :meth:`flush` once ``train`` has returned.
+    """
+
+    def __init__(self, send: Callable[[dict], None], cfg: ExperimentConfig):
+        self.send = send
+        self.end_step = cfg.train.stop_after or cfg.train.steps
+        self.held: Optional[dict] = None
+
+    def __call__(self, metrics: dict) -> None:
+        if metrics["step"] >= self.end_step:
+            self.held = metrics
+        else:
+            self.send(metrics)
+
+    def flush(self) -> None:
+        if self.held is not None:
+            held, self.held = self.held, None
+            self.send(held)
 
 
 def publish(metrics: dict, trial_id: str, run_dir: str) -> None:
@@ -134,16 +171,35 @@ def run_trial(config: dict, *, base: dict, setup: dict) -> None:
 
     trial_id = tune.get_context().get_trial_id()
     dims = parse_space(base["tune"]["search_space"])
-    run_dir = trial_run_dir(setup["run_root"], trial_id)
-    cfg = trial_config(base, overrides_for(dims, config), run_dir)
-    action = place_checkpoint(tune.get_checkpoint(), run_dir / "checkpoints", trial_id)
-    print(f"avi-tune: trial {trial_id}: {action}; run directory {run_dir}", flush=True)
-    if setup["workers"] > 1:
-        _run_workers(cfg, setup, trial_id, run_dir)
-    else:
-        from avi_scale.engine import train
+    run_dir, ckpt_dir, location = trial_dirs(setup, trial_id)
+    cfg = trial_config(base, overrides_for(dims, config), run_dir, ckpt_dir)
+    action = place_checkpoint(tune.get_checkpoint(), ckpt_dir, trial_id)
+    log_event(run_dir, f"trial {trial_id} starts ({setup['workers']} rank(s)): {action}")
+    try:
+        if setup["workers"] > 1:
+            _run_workers(cfg, setup, trial_id, run_dir, location)
+        else:
+            from avi_scale.engine import train
 
-        train(cfg, report=lambda m: publish(m, trial_id, str(run_dir)))
+            reports = Reports(lambda m: publish(m, trial_id, location), cfg)
+            train(cfg, report=reports)
+            reports.flush()
+    except SystemExit:  # Tune ends a trial from inside ray.tune.report (ASHA stop, PBT pause, Ctrl+C)
+        log_event(run_dir, f"trial {trial_id} stopped by Tune")
+        raise
+    except BaseException as exc:
+        log_event(run_dir, f"trial {trial_id} failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        raise
+    log_event(run_dir, f"trial {trial_id} finished")
+
+
+def log_event(run_dir: Path, message: str) -> None:
+    """A line in ``<run dir>/tune_events.log`` (and the trial's stdout): the trial's starts, restores, ends."""
+    line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}"
+    print(f"avi-tune: {line}", flush=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / EVENTS, "a") as f:
+        f.write(line + "\n")
 
 
 # -- several ranks per trial: Ray Train workers -----------------------------------------------------
@@ -157,17 +213,19 @@ def worker_loop(loop_config: dict) -> None:
     items, acks = loop_config["items"], loop_config["acks"]
     rank = ray.train.get_context().get_world_rank()
 
-    def report(metrics: dict) -> None:
+    def send(metrics: dict) -> None:
         # every rank gets the same metrics; rank 0 waits until Tune stored the checkpoint, the others
         # wait for rank 0 in the next collective, so no rank prunes the checkpoint before it is copied
         if rank == 0:
             items.put(metrics)
             acks.get()
 
-    train(cfg, report=report)
+    reports = Reports(send, cfg)
+    train(cfg, report=reports)
+    reports.flush()
 
 
-def _run_workers(cfg: ExperimentConfig, setup: dict, trial_id: str, run_dir: Path) -> None:
+def _run_workers(cfg: ExperimentConfig, setup: dict, trial_id: str, run_dir: Path, location: str) -> None:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.util.queue import Empty, Queue
@@ -203,7 +261,7 @@ def _run_workers(cfg: ExperimentConfig, setup: dict, trial_id: str, run_dir: Pat
             if thread.is_alive():
                 continue
             break
-        publish(metrics, trial_id, str(run_dir))
+        publish(metrics, trial_id, location)
         acks.put(True)
     thread.join()
     if "error" in outcome:
