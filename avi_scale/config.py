@@ -138,6 +138,8 @@ class DeepSpeedConfig:
     contiguous_gradients: bool = True
     reduce_bucket_size: int = 50_000_000
     allgather_bucket_size: int = 50_000_000
+    # not read by the engine: fp16 runs through torch autocast, whose GradScaler DeepSpeed creates with
+    # its own defaults (init 2**16, growth every 2000 steps); kept so that saved run configs still load
     fp16_initial_scale_power: int = 16
     fp16_loss_scale_window: int = 1000
     stage3_prefetch_bucket_size: int = 50_000_000

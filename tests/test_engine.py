@@ -151,9 +151,10 @@ def _assert_same_training(run: Path, reference: Path, atol: float = PARAM_ATOL) 
 
 
 def _param_names(run: Path) -> list[str]:
-    """Names of the trained parameters (BatchNorm statistics are buffers and excluded)."""
-    model, _ = load_exported(run / "final" / "model.pt", use_ema=False)
-    return [n for n, _ in model.named_parameters()]
+    """Names of the trained parameters of a run's model (BatchNorm statistics are buffers, excluded)."""
+    from avi_scale.model import AttentiveVAE
+
+    return [n for n, _ in AttentiveVAE(load_config(run / "config.yaml").model).named_parameters()]
 
 
 def _initial_state(run: Path) -> dict:
@@ -256,11 +257,14 @@ def test_single_process_run_outputs_and_report_hook(reference):
         assert r["checkpoint"] == str(run / "checkpoints" / f"step{r['step']:08d}")
         assert "grad_norm" in r and "lr" in r  # the latest training metrics ride along
     train_rows = _rows(run, "train")
+    n_params = _rows(run, "final")[-1]["num_parameters"]
     assert [r["step"] for r in train_rows] == [1, 2, 3, 4]
     for r in train_rows:
         assert len(r["kl_per_layer"]) == 2 and r["kl"] == pytest.approx(sum(r["kl_per_layer"]))
-        assert r["images_per_s"] > 0 and 0 <= r["data_wait_frac"] < 1 and r["peak_mem_mb"] > 0 and r["tflops"] > 0
+        assert r["images_per_s"] > 0 and 0 <= r["data_wait_frac"] < 1 and r["mem_mb"] > 0 and r["peak_mem_mb"] > 0 and r["tflops"] > 0
         assert r["skipped_steps"] == 0 and r["beta"] <= 1
+        # ZeRO-3 fp32 on one rank: the weight partition (it is the master copy) + 2 Adamax moments
+        assert r["model_state_mb"] == pytest.approx(3 * 4 * n_params / 2**20, rel=0.01)
     assert train_rows[0]["beta"] == pytest.approx(0.1) and train_rows[-1]["beta"] == 1.0
     assert (run / "config.yaml").is_file() and json.loads((run / "ds_config.json").read_text())["gradient_clipping"] == 0.0
     for name in ("samples.png", "reconstructions.png"):
@@ -317,7 +321,7 @@ def test_activation_checkpointing_gives_the_same_gradients(config_file, runs):
 @pytest.mark.parametrize("stage", [0, 2])
 def test_nan_step_is_skipped_and_counted(config_file, runs, stage):
     """ZeRO-0: the engine's step guard; ZeRO-2: DeepSpeed's own non-finite check. Either way the
-    step changes nothing (weights, optimizer, EMA) and is counted."""
+    step changes nothing (weights, optimizer moments and step counts, EMA) and is counted."""
     out = runs / f"nan_{stage}"
     cfg = load_config(config_file, [f"train.output_dir={out}", f"deepspeed.zero_stage={stage}", "train.steps=3",
                                     "train.debug_nan_steps=[1]", "train.checkpoint_every=1", "train.eval_every=0",
@@ -326,12 +330,37 @@ def test_nan_step_is_skipped_and_counted(config_file, runs, stage):
     assert result["skipped_steps"] == 1 and result["step"] == 3
     rows = _rows(out, "train")
     assert [r["skipped_steps"] for r in rows] == [0, 1, 1]
-    assert rows[1]["images_per_s"] > 0 and "loss" not in rows[1]  # nothing averaged from a skipped step
-    states = {s: consolidated_state_dict(out / "checkpoints" / f"step{s:08d}") for s in (1, 2, 3)}
-    names = _param_names_of(states[1][0], out)
+    assert rows[1]["images_per_s"] > 0 and "loss" not in rows[1] and rows[1]["grad_norm"] is None  # nothing averaged
+    tags = {s: out / "checkpoints" / f"step{s:08d}" for s in (1, 2, 3)}
+    states = {s: consolidated_state_dict(tag) for s, tag in tags.items()}
+    names = _param_names(out)
     assert all(torch.equal(states[1][0][k], states[2][0][k]) for k in names)
     assert any(not torch.equal(states[2][0][k], states[3][0][k]) for k in names)
     assert [states[s][1]["ema"]["num_updates"] for s in (1, 2, 3)] == [1, 1, 2]
+    optim = {s: _optimizer_tensors(tag) for s, tag in tags.items()}
+    assert optim[1] and optim[1].keys() == optim[2].keys() == optim[3].keys()
+    assert all(torch.equal(optim[1][k], optim[2][k]) for k in optim[1])  # moments and step counts kept
+    assert any(not torch.equal(optim[2][k], optim[3][k]) for k in optim[2])
+
+
+def _optimizer_tensors(tag_dir: Path) -> dict:
+    """Every Adamax moment and step count in a DeepSpeed checkpoint (ZeRO-0 or ZeRO 1-2 layout)."""
+    found: dict = {}
+
+    def walk(obj, path):
+        if isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(v, (*path, str(k)))
+        elif isinstance(obj, (list, tuple)):
+            for i, v in enumerate(obj):
+                walk(v, (*path, str(i)))
+        elif torch.is_tensor(obj) and path[-1] in ("exp_avg", "exp_inf", "step"):
+            found[path] = obj
+
+    for f in sorted(tag_dir.glob("*.pt")):
+        blob = torch.load(f, map_location="cpu", weights_only=False)
+        walk(blob.get("optimizer") or blob.get("optimizer_state_dict"), (f.name,))
+    return found
 
 
 def test_consecutive_skips_stop_with_a_clear_error_and_a_checkpoint(config_file, runs):
@@ -346,16 +375,8 @@ def test_consecutive_skips_stop_with_a_clear_error_and_a_checkpoint(config_file,
     sd, client = consolidated_state_dict(tag)
     assert client["skipped_steps"] == 2 and client["ema"]["num_updates"] == 0
     init = _initial_state(out)
-    assert all(torch.equal(sd[k], init[k]) for k in _param_names_of(sd, out))
+    assert all(torch.equal(sd[k], init[k]) for k in _param_names(out))
 
-
-def _param_names_of(sd: dict, run: Path) -> list[str]:
-    from avi_scale.model import AttentiveVAE
-
-    model = AttentiveVAE(load_config(run / "config.yaml").model)
-    names = [n for n, _ in model.named_parameters()]
-    assert set(names) <= set(sd)
-    return names
 
 
 def test_bf16_zero1_trains(config_file, runs):

@@ -37,7 +37,8 @@ from avi_scale.engine import distributed as D
 from avi_scale.engine.checkpoint import Checkpointer, export_consolidated, has_model_states, resolve
 from avi_scale.engine.deepspeed_config import build_ds_config
 from avi_scale.engine.ema import EMA
-from avi_scale.engine.metrics import MetricsWriter, count_flops, image_grid, peak_memory_mb, peak_tflops, save_png
+from avi_scale.engine.metrics import (MetricsWriter, count_flops, current_memory_mb, image_grid, model_state_mb,
+                                      peak_memory_mb, peak_tflops, save_png)
 from avi_scale.engine.optim import StepGuard, build_optimizer, grad_norm, set_lr
 from avi_scale.engine.schedule import kl_beta, learning_rate
 
@@ -357,8 +358,9 @@ class _Run:
 
     def _log_window(self, window: "_Window") -> dict:
         sums = D.all_reduce(window.sums.clone())
-        peak = D.all_reduce(torch.tensor([peak_memory_mb(self.world.device)], dtype=torch.float64,
-                                         device=self.world.device), "max")
+        memory = D.all_reduce(torch.tensor([current_memory_mb(self.world.device), peak_memory_mb(self.world.device),
+                                            model_state_mb(self.engine.module, self.optimizer)],
+                                           dtype=torch.float64, device=self.world.device), "max")
         n = sums[3].item()
         elapsed = window.time or float("nan")
         m: dict[str, Any] = {"step": self.step, "epoch": self.step / self.steps_per_epoch}
@@ -373,7 +375,8 @@ class _Run:
             grad_norm=(sum(window.norms) / len(window.norms)) if window.norms else float("nan"),
             lr=window.lr, beta=window.beta, skipped_steps=self.skipped_total,
             images_per_s=images_per_s, step_time_s=elapsed / max(window.steps, 1),
-            data_wait_frac=window.waited / elapsed, peak_mem_mb=peak.item(), tflops=tflops,
+            data_wait_frac=window.waited / elapsed, mem_mb=memory[0].item(), peak_mem_mb=memory[1].item(),
+            model_state_mb=memory[2].item(), tflops=tflops,
         )
         if self.peak:
             m["mfu"] = tflops / self.peak

@@ -6,7 +6,8 @@ and the measurements behind them (peak memory, counted FLOPs, MFU).
 * ``"train"`` (every ``train.log_every`` steps, averaged over the steps since the previous line):
   ``step, epoch, time, loss, neg_elbo, bpd, recon_nll, kl, kl_per_layer`` (list, nats per image,
   layer 1 = top), ``grad_norm, lr, beta, skipped_steps, images_per_s, step_time_s,
-  data_wait_frac, peak_mem_mb, tflops`` and, when the device peak is known, ``mfu``;
+  data_wait_frac, mem_mb, peak_mem_mb, model_state_mb, tflops`` and, when the device peak is known,
+  ``mfu``;
 * ``"eval"`` (every ``train.eval_every`` steps and at the end, EMA weights, the validation split):
   ``step, epoch, time, val_neg_elbo, val_nll, val_bpd, val_recon_nll, val_kl, val_kl_per_layer,
   val_images, checkpoint``;
@@ -92,6 +93,45 @@ def _einsum_flops(equation: str, operands) -> int:
     return 2 * math.prod(sizes.values())
 
 
+def current_memory_mb(device: torch.device) -> float:
+    """Memory in use now: allocated accelerator memory, or on CPU the resident set of this process
+    (torch's CPU allocator does not cache, so it follows live tensors plus the process's code)."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) / 2**20
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def model_state_mb(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> float:
+    """What this rank holds of the model state: its weights (its ZeRO-3 partition, else the whole
+    module), the optimizer's own parameter copies (ZeRO's fp32 partitions), gradients kept between
+    steps and the optimizer state.  Tensors sharing a storage (views into flat buffers) count once."""
+    seen: set = set()
+    total = 0
+
+    def add(t: Optional[torch.Tensor]) -> None:
+        nonlocal total
+        if not torch.is_tensor(t):
+            return
+        storage = t.untyped_storage()
+        key = (storage.data_ptr(), storage.nbytes())
+        if storage.nbytes() and key not in seen:
+            seen.add(key)
+            total += storage.nbytes()
+
+    for p in module.parameters():
+        add(p.ds_tensor if hasattr(p, "ds_tensor") else p.data)
+        add(p.grad)
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            add(p)
+            add(p.grad)
+    for state in optimizer.state.values():
+        for v in state.values():
+            add(v)
+    return total / 2**20
+
+
 def count_flops(model_cfg: Any, batch: int = 2) -> dict[str, float]:
     """Model FLOPs per image: the forward pass counted op by op on a fresh CPU model, a training
     step estimated as 3x the forward (backward ~ 2x forward; activation recomputation is not
@@ -140,7 +180,7 @@ def save_png(grid: np.ndarray, path: str | Path, scale: int = 2) -> Path:
 # -- the writer (rank 0 only) ------------------------------------------------------------------------
 def _jsonable(v: Any) -> Any:
     if isinstance(v, float) and not math.isfinite(v):
-        return str(v)  # "nan" / "inf": strict JSON has no literal for them
+        return None  # strict JSON has no NaN/inf: null (e.g. the grad norm of a window of skipped steps)
     if isinstance(v, (list, tuple)):
         return [_jsonable(u) for u in v]
     if isinstance(v, dict):
@@ -166,10 +206,10 @@ class MetricsWriter:
 
         path = run_dir / "metrics.jsonl"
         kept = []
-        if path.exists():  # keep what the run logged up to the step it resumes from
+        if path.exists() and initial_step > 0:  # a resumed run keeps what was logged up to its step
             for line in path.read_text().splitlines():
                 row = json.loads(line)
-                if row.get("kind") != "final" and row.get("step", 0) <= initial_step and initial_step > 0:
+                if row["kind"] != "final" and row["step"] <= initial_step:
                     kept.append(line)
         path.write_text("".join(line + "\n" for line in kept))
         self._file = open(path, "a", buffering=1)
@@ -185,16 +225,15 @@ class MetricsWriter:
         if kind == "final":
             return
         step = int(values["step"])
-        prefix = kind
         for key, v in values.items():
-            if key in ("step",):
+            if key == "step":
                 continue
-            if isinstance(v, (list, tuple)):
+            if isinstance(v, (list, tuple)):  # per-layer KL: one curve per layer, 01 = the top layer
                 for i, u in enumerate(v):
                     if isinstance(u, (int, float)):
-                        self._tb.add_scalar(f"{prefix}/{key}/{i + 1:02d}", u, step)
+                        self._tb.add_scalar(f"{kind}/{key}/{i + 1:02d}", u, step)
             elif isinstance(v, (int, float)) and not isinstance(v, bool):
-                self._tb.add_scalar(f"{prefix}/{key}", v, step)
+                self._tb.add_scalar(f"{kind}/{key}", v, step)
 
     def image(self, tag: str, grid: np.ndarray, step: int) -> None:
         if self.enabled:
