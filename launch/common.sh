@@ -23,6 +23,13 @@ avi_gpu_count() {
   fi
 }
 
+# Ranks on this node: NPROC if set, else one per GPU, else 1
+avi_node_ranks() {
+  local gpus
+  gpus=$(avi_gpu_count)
+  echo "${NPROC:-$(( gpus > 0 ? gpus : 1 ))}"
+}
+
 # CPU-only nodes: DeepSpeed's CPU accelerator, and one compute thread per core per rank
 # (the deepspeed launcher, unlike torchrun, leaves OMP_NUM_THREADS unset: ranks would oversubscribe).
 avi_cpu_defaults() {

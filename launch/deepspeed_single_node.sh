@@ -8,8 +8,7 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 source "$here/common.sh"
 avi_need_config "$@"
 
-gpus=$(avi_gpu_count)
-nproc="${NPROC:-$(( gpus > 0 ? gpus : 1 ))}"
+nproc=$(avi_node_ranks)
 avi_cpu_defaults "$nproc"
 avi_run "${DEEPSPEED:-deepspeed}" --num_gpus "$nproc" --master_port "${MASTER_PORT:-29500}" \
   --no_local_rank --module avi_scale.cli "$@"

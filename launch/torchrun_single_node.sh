@@ -7,7 +7,6 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 source "$here/common.sh"
 avi_need_config "$@"
 
-gpus=$(avi_gpu_count)
-nproc="${NPROC:-$(( gpus > 0 ? gpus : 1 ))}"
+nproc=$(avi_node_ranks)
 avi_cpu_defaults "$nproc"
 avi_run "${TORCHRUN:-torchrun}" --standalone --nnodes 1 --nproc_per_node "$nproc" -m avi_scale.cli "$@"
