@@ -109,10 +109,9 @@ def test_iw_nll_with_one_sample_is_the_negative_elbo(model, x):
     with torch.no_grad():
         for i in range(n):
             s = image_seed(7, x[i])
-            torch.manual_seed(s)
-            ne = model(x[i:i + 1]).neg_elbo.double().item()
-            torch.manual_seed(s)
-            nll1 = -model.log_likelihood(x[i:i + 1], num_samples=1, chunk=1).double().item()
+            ne = model(x[i:i + 1], generators=[torch.Generator().manual_seed(s)]).neg_elbo.double().item()
+            nll1 = -model.log_likelihood(x[i:i + 1], num_samples=1, chunk=1,
+                                         generators=[torch.Generator().manual_seed(s)]).double().item()
             diffs.append(nll1 - ne)
             per_image.append((ne, nll1))
     diffs = np.array(diffs)
@@ -120,14 +119,15 @@ def test_iw_nll_with_one_sample_is_the_negative_elbo(model, x):
     assert abs(diffs.mean()) < 4 * se + 1e-6, (diffs.mean(), se)
     assert np.abs(diffs).max() > 0  # a Monte Carlo estimate, not the same formula
     # evaluate_nll reports exactly these per-image numbers, averaged, with their standard errors
-    r = evaluate_nll(model, [x[:15], x[15:]], iw_samples=1, iw_chunk=1, seed=7)
+    r = evaluate_nll(model, [x[:15], x[15:]], iw_samples=1, iw_chunk=8, seed=7)
     ne_all = np.array([p[0] for p in per_image])
     nll_all = np.array([p[1] for p in per_image])
     assert r.count == n
-    assert r.neg_elbo == pytest.approx(ne_all.mean(), rel=1e-9)
-    assert r.nll == pytest.approx(nll_all.mean(), rel=1e-9)
-    assert r.neg_elbo_se == pytest.approx(ne_all.std(ddof=1) / math.sqrt(n), rel=1e-6)
-    assert r.nll_se == pytest.approx(nll_all.std(ddof=1) / math.sqrt(n), rel=1e-6)
+    # (evaluate_nll batches images; batched kernels round differently at the 1e-6 level)
+    assert r.neg_elbo == pytest.approx(ne_all.mean(), rel=1e-6)
+    assert r.nll == pytest.approx(nll_all.mean(), rel=1e-6)
+    assert r.neg_elbo_se == pytest.approx(ne_all.std(ddof=1) / math.sqrt(n), rel=1e-4)
+    assert r.nll_se == pytest.approx(nll_all.std(ddof=1) / math.sqrt(n), rel=1e-4)
     assert r.nll_bpd == pytest.approx(r.nll / (784 * math.log(2.0)))
     assert r.neg_elbo_bpd_se == pytest.approx(r.neg_elbo_se / (784 * math.log(2.0)))
     assert r.neg_elbo == pytest.approx(r.recon_nll + r.kl, rel=1e-6)  # float32 sums inside the model
@@ -143,12 +143,12 @@ def test_more_importance_samples_never_give_a_worse_bound(model, x):
 
 def test_deterministic_and_independent_of_batching(model, x):
     xs = x[:12]
-    a = evaluate_nll(model, [xs], iw_samples=3, iw_chunk=2, seed=5)
+    a = evaluate_nll(model, [xs], iw_samples=3, iw_chunk=9, seed=5)  # 3 images per forward pass
     b = evaluate_nll(model, [xs[7:], xs[:3], (xs[3:7], torch.zeros(4))], iw_samples=3, iw_chunk=2, seed=5)
     c = evaluate_nll(model, [xs], iw_samples=3, iw_chunk=2, seed=6)
     for key in ("count", "neg_elbo", "nll", "recon_nll", "neg_elbo_se", "nll_se"):
-        assert getattr(a, key) == pytest.approx(getattr(b, key), rel=1e-10, abs=1e-9), key
-    assert a.kl_per_layer == pytest.approx(b.kl_per_layer, rel=1e-10)
+        assert getattr(a, key) == pytest.approx(getattr(b, key), rel=1e-5, abs=1e-9), key
+    assert a.kl_per_layer == pytest.approx(b.kl_per_layer, rel=1e-5)
     assert a.active_units_per_layer == b.active_units_per_layer
     assert a.nll != c.nll  # the seed matters
     rng_before = torch.get_rng_state()
@@ -435,8 +435,8 @@ def test_avi_eval_report_on_real_shards_and_two_ranks_match_one(trained_run, tmp
     two = json.loads((out2 / "nll.json").read_text())
     assert two["world_size"] == 2 and two["count"] == 100
     for key in ("neg_elbo", "nll", "neg_elbo_se", "nll_se", "recon_nll", "nll_bpd"):
-        assert two[key] == pytest.approx(one[key], rel=1e-9), key
-    assert two["kl_per_layer"] == pytest.approx(one["kl_per_layer"], rel=1e-9)
+        assert two[key] == pytest.approx(one[key], rel=1e-6), key
+    assert two["kl_per_layer"] == pytest.approx(one["kl_per_layer"], rel=1e-6)
     assert two["active_units_per_layer"] == one["active_units_per_layer"]
 
 

@@ -2,11 +2,13 @@
 ``-log p(x)`` with ``K`` posterior samples, in nats per image and bits per dimension, with standard
 errors; plus how the latent layers are used (KL per layer, active units, active layers).
 
-Every image is evaluated on its own, with its posterior noise seeded from ``(seed, the image's
-bytes)``.  The numbers therefore do not depend on the batch size, on the order of the data or on
-how many ranks share the work: 2 ranks give what 1 rank gives (up to the order of a float64 sum).
-The ``K`` importance samples of one image run ``chunk`` at a time (a batch of ``chunk`` copies), so
-memory stays bounded whatever ``K`` is; raise ``chunk`` towards ``K`` for speed on a GPU.
+Each image's posterior noise comes from its own generator, seeded from ``(seed, the image's bytes)``.
+The numbers therefore do not depend on the batch size, on the order of the data or on how many ranks
+share the work: 2 ranks give what 1 rank gives, up to float rounding (batched kernels may round a
+sample differently in a different batch: about 1e-6 relative).  One forward pass holds at most
+``iw_chunk`` samples: with ``K >= iw_chunk`` one image's samples run ``iw_chunk`` at a time, with
+smaller ``K`` ``iw_chunk // K`` images share a pass; the bottom-up pass runs once per image.  Memory
+stays bounded whatever ``K`` is; raise ``iw_chunk`` for speed.
 
 Across ranks, each rank accumulates float64 sums and sums of squares over its own images and one
 ``all_reduce(SUM)`` combines them after the loop (ranks may hold different numbers of images).
@@ -207,6 +209,11 @@ def _mean_se(total: float, total_sq: float, n: int) -> tuple[float, float]:
     return mean, math.sqrt(var / n)
 
 
+def _generators(seeds: list[int], device: torch.device) -> list[torch.Generator]:
+    """One generator per image, on the model's device, seeded with the image's seed."""
+    return [torch.Generator(device=device).manual_seed(s) for s in seeds]
+
+
 def _images_of(batch: Any) -> torch.Tensor:
     if isinstance(batch, (tuple, list)):
         if not batch:
@@ -266,32 +273,33 @@ def evaluate_nll(model, batches: Iterable, *, iw_samples: int, iw_chunk: int, se
         bar = tqdm(total=progress_total, desc=f"eval K={iw_samples}" + (f" (rank 0 of {world})" if world > 1 else ""),
                    unit="img", dynamic_ncols=True)
     started = time.perf_counter()
-    fork_devices = [device.index if device.index is not None else torch.cuda.current_device()] \
-        if device.type == "cuda" else []
-    with _training_mode(model), torch.random.fork_rng(devices=fork_devices), PosteriorCapture(model) as capture:
+    # one forward pass holds at most max(iw_chunk, 1 image) samples: small K batches several images
+    chunk = min(iw_chunk, iw_samples)
+    per_pass = max(1, iw_chunk // iw_samples)
+    with _training_mode(model), PosteriorCapture(model) as capture:
         for batch in batches:
             x = check_images(_images_of(batch), cfg)
             seeds = [image_seed(seed, x[i]) for i in range(x.shape[0])]
             x = x.to(device)
-            for i, s in enumerate(seeds):
-                xi = x[i:i + 1]
-                torch.manual_seed(s)
+            for a in range(0, x.shape[0], per_pass):
+                xs, group = x[a:a + per_pass], seeds[a:a + per_pass]
                 capture.clear()
-                out = model(xi, beta=1.0)
-                means = torch.stack([q.mu.reshape(-1) for q, _ in capture.distributions()]).double()
-                torch.manual_seed(s)  # the same noise: with K = 1 the IW sample is the ELBO's sample
-                log_px = model.log_likelihood(xi, num_samples=iw_samples, chunk=min(iw_chunk, iw_samples))
-                ne = out.neg_elbo.double()[0]
-                nll = -log_px.double()[0]
-                sums[0] += 1
-                sums[1] += ne
-                sums[2] += ne * ne
-                sums[3] += nll
-                sums[4] += nll * nll
-                sums[5] += out.recon_nll.double()[0]
-                sums[6:6 + L] += out.kl.double()[0]
-                mu_sum += means
-                mu_sq += means * means
+                out = model(xs, beta=1.0, generators=_generators(group, device))
+                means = torch.stack([q.mu.flatten(1) for q, _ in capture.distributions()], dim=1).double()
+                # the same generators again: with K = 1 the IW sample is the ELBO's sample
+                log_px = model.log_likelihood(xs, num_samples=iw_samples, chunk=chunk,
+                                              generators=_generators(group, device))
+                ne = out.neg_elbo.double()
+                nll = -log_px.double()
+                sums[0] += xs.shape[0]
+                sums[1] += ne.sum()
+                sums[2] += (ne * ne).sum()
+                sums[3] += nll.sum()
+                sums[4] += (nll * nll).sum()
+                sums[5] += out.recon_nll.double().sum()
+                sums[6:6 + L] += out.kl.double().sum(0)
+                mu_sum += means.sum(0)
+                mu_sq += (means * means).sum(0)
             if bar is not None:
                 bar.update(x.shape[0])
     if bar is not None:

@@ -49,8 +49,11 @@ class DiagGaussian:
         zeros = torch.zeros_like(like)
         return cls(zeros, zeros, zeros, torch.ones_like(like))
 
-    def sample(self, temperature: float = 1.0) -> torch.Tensor:
-        return self.mu + temperature * self.sigma * torch.randn_like(self.mu)
+    def sample(self, temperature: float = 1.0, eps: torch.Tensor | None = None) -> torch.Tensor:
+        """``mu + temperature * sigma * eps``; ``eps`` standard normal noise, drawn here if not given."""
+        if eps is None:
+            eps = torch.randn_like(self.mu)
+        return self.mu + temperature * self.sigma * eps.to(self.mu.dtype)
 
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:
         """Summed over all but the batch axis -> [B]."""

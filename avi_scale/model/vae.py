@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -244,6 +244,12 @@ class AttentiveVAE(nn.Module):
     def _pad(self, x: torch.Tensor) -> torch.Tensor:
         return F.pad(x, [self.pad] * 4) if self.pad else x
 
+    @staticmethod
+    def _check_generators(generators: Sequence[torch.Generator], x: torch.Tensor) -> Sequence[torch.Generator]:
+        if len(generators) != x.shape[0]:
+            raise ValueError(f"expected one generator per image ({x.shape[0]}), got {len(generators)}")
+        return generators
+
     def _check_input(self, x: torch.Tensor) -> None:
         c, s = self.cfg.image_channels, self.cfg.image_size
         if x.dim() != 4 or x.shape[1:] != (c, s, s):
@@ -257,9 +263,18 @@ class AttentiveVAE(nn.Module):
             feats.append(layer.encoder(feats[-1]))
         return feats[::-1]
 
+    def _noise(self, generators: Sequence[torch.Generator], k: int, device: torch.device) -> torch.Tensor:
+        """Standard normal noise for ``k`` samples of each of ``B = len(generators)`` images, image
+        ``i``'s drawn from ``generators[i]`` only (sample-major, so sample 0 is the same whatever ``k``):
+        [L, k * B, C_z, h, w], ordered like ``x.repeat(k, 1, 1, 1)``."""
+        shape = (k, len(self.layers), self.cfg.latent_channels, self.latent_hw, self.latent_hw)
+        eps = torch.stack([torch.randn(shape, generator=g, device=device) for g in generators], dim=2)
+        return eps.transpose(0, 1).reshape(shape[1], k * len(generators), *shape[2:])
+
     def _top_down(self, batch: int, feats: Optional[list[torch.Tensor]], temperature: float = 1.0,
-                  attn_log: Optional[dict] = None, want_logw: bool = False):
-        """Posterior pass when ``feats`` is given, else ancestral sampling from the prior.
+                  attn_log: Optional[dict] = None, want_logw: bool = False, noise: Optional[torch.Tensor] = None):
+        """Posterior pass when ``feats`` is given, else ancestral sampling from the prior; ``noise``
+        ([L, batch, C_z, h, w], standard normal) replaces the sampler's own draws.
 
         Returns (output-distribution parameters, per-layer KL [B, L] or None, log p(z) - log q(z) [B] or None).
         """
@@ -275,11 +290,12 @@ class AttentiveVAE(nn.Module):
             if like is None:
                 like = stored.new_zeros(batch, self.cfg.latent_channels, self.latent_hw, self.latent_hw, dtype=dtype)
             prior = layer.prior(prior_cond, like)
+            eps = None if noise is None else noise[i]
             if feats is None:
-                z = prior.sample(temperature)
+                z = prior.sample(temperature, eps)
             else:
                 q = layer.posterior(feats[i:], prior_cond, query, prior, attn_log)
-                z = q.sample(temperature)
+                z = q.sample(temperature, eps)
                 kls.append(q.kl(prior))
                 if want_logw:
                     logw = logw + prior.log_prob(z) - q.log_prob(z)
@@ -306,10 +322,16 @@ class AttentiveVAE(nn.Module):
         return (dist.sample() + 1.0) / 2.0
 
     # -- public API -------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, beta: float = 1.0) -> VAEOutput:
-        """Negative ELBO in nats per image; ``loss`` weights the KL by ``beta`` (KL warm-up)."""
+    def forward(self, x: torch.Tensor, beta: float = 1.0,
+                generators: Optional[Sequence[torch.Generator]] = None) -> VAEOutput:
+        """Negative ELBO in nats per image; ``loss`` weights the KL by ``beta`` (KL warm-up).
+
+        ``generators``: one per image; image ``i``'s posterior noise then comes from ``generators[i]``
+        alone, so its result does not depend on the other images in the batch.
+        """
         self._check_input(x)
-        params, kl, _ = self._top_down(x.shape[0], self._bottom_up(x))
+        noise = None if generators is None else self._noise(self._check_generators(generators, x), 1, x.device)
+        params, kl, _ = self._top_down(x.shape[0], self._bottom_up(x), noise=noise)
         recon_nll = -self._distribution(params).log_prob(self._target(x))
         kl = kl.float()
         loss = (recon_nll + beta * kl.sum(1)).mean()
@@ -338,18 +360,28 @@ class AttentiveVAE(nn.Module):
         return log
 
     @torch.no_grad()
-    def log_likelihood(self, x: torch.Tensor, num_samples: int = 100, chunk: int = 25) -> torch.Tensor:
+    def log_likelihood(self, x: torch.Tensor, num_samples: int = 100, chunk: int = 25,
+                       generators: Optional[Sequence[torch.Generator]] = None) -> torch.Tensor:
         """Importance-weighted estimate of log p(x) in nats, [B], with ``num_samples`` posterior
-        samples evaluated ``chunk`` at a time (memory is bounded by chunk * B images)."""
+        samples evaluated ``chunk`` at a time (memory is bounded by chunk * B images).
+
+        The bottom-up pass runs once per image and is shared by all samples (it is deterministic).
+        ``generators``: one per image, as in ``forward``; the first sample then uses the same noise as
+        ``forward`` given equally seeded generators.
+        """
         self._check_input(x)
+        if generators is not None:
+            generators = self._check_generators(generators, x)
         b = x.shape[0]
         target = self._target(x)
+        feats = self._bottom_up(x)
         parts = []
         done = 0
         while done < num_samples:
             k = min(chunk, num_samples - done)
-            xk = x.repeat(k, 1, 1, 1)
-            params, _, logw = self._top_down(b * k, self._bottom_up(xk), want_logw=True)
+            noise = None if generators is None else self._noise(generators, k, x.device)
+            params, _, logw = self._top_down(b * k, [f.repeat(k, 1, 1, 1) for f in feats], want_logw=True,
+                                             noise=noise)
             logp_x = self._distribution(params).log_prob(target.repeat(k, 1, 1, 1))
             parts.append((logp_x + logw).float().view(k, b))
             done += k
