@@ -454,3 +454,48 @@ def test_avi_eval_rejects_bad_input_clearly(trained_run, tmp_path, capsys):
     assert "manifest" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         eval_main(["nll", str(run), "--bogus"])
+
+
+def _fake_finished_run(root: Path, name: str, layers: int, attentive: bool, seed: int, nll: float,
+                       kl: list[float]) -> Path:
+    """A run directory as the engine and `avi-eval nll --out RUN/test` leave it (numbers chosen here)."""
+    run = root / f"{name}_s{seed}"
+    (run / "test").mkdir(parents=True)
+    cfg = ExperimentConfig(name=name, model=micro_cfg(attention=attentive))
+    cfg.model.num_layers = layers
+    cfg.train.seed = seed
+    save_config(cfg, run / "config.yaml")
+    rows = [{"kind": "train", "step": s, "time": 1000.0 + 6 * s, "step_time_s": 0.5 * s,
+             "kl_per_layer": [k * s / 20 for k in kl]} for s in (10, 20)]
+    rows.append({"kind": "final", "time": 1130.0, "num_parameters": 1234 + layers})
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (run / "test" / "nll.json").write_text(json.dumps(dict(
+        count=100, iw_samples=4, nll=nll, nll_se=0.5, neg_elbo=nll + 3, kl_per_layer=kl,
+        active_layers=sum(k > 0.1 for k in kl))))
+    return run
+
+
+def test_avi_eval_compare_pools_seeds_and_draws_side_by_side(tmp_path, capsys):
+    runs = [_fake_finished_run(tmp_path, "att2", 2, True, s, v, [4.0, 2.0]) for s, v in ((1, 90.0), (2, 92.0), (3, 94.0))]
+    runs += [_fake_finished_run(tmp_path, "loc2", 2, False, s, v, [0.0, 6.0]) for s, v in ((1, 95.0), (2, 96.0))]
+    out = tmp_path / "cmp"
+    assert eval_main(["compare", *map(str, runs), "--out", str(out)]) == 0
+    got = json.loads((out / "compare.json").read_text())
+    att, loc = got["experiments"]
+    assert att["name"] == "att2" and att["attentive"] and att["seeds"] == [1, 2, 3]
+    assert att["nll"]["mean"] == pytest.approx(92.0) and att["nll"]["std"] == pytest.approx(2.0)
+    assert loc["nll"]["mean"] == pytest.approx(95.5) and loc["active_layers"]["mean"] == 1
+    assert att["train_minutes"] == pytest.approx((5 * 10 + 10 * 10) / 60) and att["parameters"] == 1236
+    md = (out / "compare.md").read_text()
+    assert "| `att2` | 2 | depth-wise | 3 | 92.00 ± 2.00 | 95.00 ± 2.00 |" in md
+    assert "0.0, 6.0" in md and "K = 4 on 100 test images" in md
+    for png in ("kl_heatmaps.png", "kl_per_layer.png"):
+        assert (out / png).read_bytes()[:8] == PNG_SIGNATURE
+    assert "wrote" in capsys.readouterr().out
+    # bad input: a run without its test likelihood, and a seed given twice
+    (runs[0] / "test" / "nll.json").unlink()
+    assert eval_main(["compare", *map(str, runs), "--out", str(out)]) == 2
+    assert "nll.json" in capsys.readouterr().err
+    dup = _fake_finished_run(tmp_path / "again", "loc2", 2, False, 1, 95.0, [0.0, 6.0])
+    assert eval_main(["compare", *map(str, runs[3:]), str(dup), "--out", str(out)]) == 2
+    assert "repeat a seed" in capsys.readouterr().err

@@ -3,6 +3,7 @@
     avi-eval nll     CHECKPOINT [--data URLS] [-K 1000] [--iw-chunk 100] [--out DIR] [key=value ...]
     avi-eval figures CHECKPOINT --out DIR [--data URLS] [--run RUN_DIR] [key=value ...]
     avi-eval report  CHECKPOINT --out DIR [--data URLS] [-K 1000] [--skip-nll] [key=value ...]
+    avi-eval compare RUN_DIR... --out DIR      (seeds pooled; attentive vs local side by side)
 
 CHECKPOINT is a run directory, a DeepSpeed checkpoint directory or tag, or a consolidated ``.pt`` file
 (see :mod:`avi_scale.evaluate.loading`).  The config is the one saved with the checkpoint; ``key=value``
@@ -31,7 +32,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog="Examples: avi-eval nll runs/mnist -K 1000 --iw-chunk 250;  "
                "torchrun --nproc_per_node=4 -m avi_scale.evaluate.cli nll runs/mnist/final/model.pt --data data/mnist;  "
                "avi-eval report runs/mnist --out runs/mnist/report")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{nll,figures,report}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{nll,figures,report,compare}")
 
     def common(sp: argparse.ArgumentParser, out_required: bool) -> None:
         sp.add_argument("checkpoint", help="run directory, DeepSpeed checkpoint directory/tag, or consolidated .pt file")
@@ -74,6 +75,13 @@ def _parser() -> argparse.ArgumentParser:
     likelihood(rep)
     pictures(rep)
     rep.add_argument("--skip-nll", action="store_true", help="leave the likelihood out of the report")
+    cmp = sub.add_parser("compare", help="finished runs side by side: seed statistics, KL heat maps",
+                         description="Compare finished runs (each evaluated with `avi-eval nll RUN --out RUN/test`): "
+                                     "runs with the same config name are seeds of one experiment; writes "
+                                     "compare.md/json, kl_heatmaps.png and kl_per_layer.png.")
+    cmp.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR")
+    cmp.add_argument("--out", type=Path, required=True, help="output directory")
+    cmp.add_argument("--nll-file", default="test/nll.json", help="each run's likelihood file, relative to the run")
     return p
 
 
@@ -303,6 +311,19 @@ def eval_main(argv: Optional[Sequence[str]] = None) -> int:
     """Console script ``avi-eval``; returns the exit status (2 for bad input, with the reason on stderr)."""
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
+    if args.command == "compare":
+        if extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        from avi_scale.evaluate.compare import CompareError, compare
+
+        try:
+            files = compare(args.runs, args.out, args.nll_file)
+        except CompareError as exc:
+            print(f"avi-eval: error: {exc}", file=sys.stderr, flush=True)
+            return 2
+        print(files["markdown"].read_text())
+        print("wrote " + ", ".join(str(f) for f in files.values()))
+        return 0
     # overrides may also follow the options: collect every key=value the first pass left over
     unknown = [a for a in extra if a.startswith("-") or "=" not in a]
     if unknown:
