@@ -1,14 +1,19 @@
 """Training-step throughput of the model alone (no DeepSpeed, no data loading), side by side.
 
 Runs every requested variant in one process, interleaved over several rounds (machines are noisy),
-and prints a table: step time, images/s, achieved FLOP/s and the fraction of a peak; writes JSON.
+and prints a table: step time, images/s, achieved FLOP/s, the fraction of a peak (given, or this
+machine's measured ceiling, see bench_ceiling.py) and peak memory per step; writes JSON.
 
     python benchmarks/bench_model.py --preset small-cpu                # issue 8's small CPU config
     python benchmarks/bench_model.py --preset cifar10 --device cuda --batch 64 --precision bf16 \
-        --variants eager,channels_last,compile --peak-tflops 989
+        --variants attentive,channels_last,compile,unfused --peak-tflops 989
 
-FLOPs are counted exactly from the model with ``torch.utils.flop_counter.FlopCounterMode``
-(convolutions, matmuls and attention; forward and backward).
+Variants: ``attentive`` (the config), ``local`` (depth-wise attention off), ``nvae`` (depth-wise
+attention and non-local blocks off: the official code's NVAE mode), ``unfused`` (non-local blocks on
+SDPA's unfused math path), ``channels_last``, ``compile`` (torch.compile), ``ckpt`` (activation
+checkpointing).  FLOPs are counted exactly from the model with ``FlopCounterMode`` (convolutions,
+matmuls and attention at their true widths; forward and backward).  Peak memory: CUDA's peak allocated
+bytes; on CPU the growth of the peak resident set of a fresh process over one step (``--memory``).
 """
 
 from __future__ import annotations
@@ -38,6 +43,13 @@ PRESETS = {
     "cifar10-nvae16": ("cifar10_nvae16.yaml", []),
 }
 LOCAL = ["model.prior_attention.enabled=false", "model.posterior_attention.enabled=false"]
+NVAE = LOCAL + ["model.nonlocal_places=[]"]
+VARIANTS = ("attentive", "local", "nvae", "unfused", "channels_last", "compile", "ckpt")
+
+
+def variant_overrides(v: str, preset: list[str], extra: list[str]) -> list[str]:
+    ov = preset + extra + {"local": LOCAL, "nvae": NVAE, "ckpt": ["model.activation_checkpointing=true"]}.get(v, [])
+    return ov
 
 
 def build(config: str, overrides: list[str], device: str, channels_last: bool):
@@ -57,11 +69,39 @@ def make_batch(cfg, batch: int, device: str, channels_last: bool) -> torch.Tenso
 
 
 def count_flops(model, x) -> float:
-    """FLOPs of one forward + backward on batch ``x``."""
-    with FlopCounterMode(display=False) as counter:
-        model(x).loss.backward()
+    """FLOPs of one forward + backward on batch ``x``, attention at its true (unpadded) widths."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from avi_scale.model.layers import NonLocalBlock
+
+    pad, NonLocalBlock.pad_for_fused_kernels = NonLocalBlock.pad_for_fused_kernels, False
+    try:
+        with FlopCounterMode(display=False) as counter, sdpa_kernel([SDPBackend.MATH]):
+            model(x).loss.backward()
+    finally:
+        NonLocalBlock.pad_for_fused_kernels = pad
     model.zero_grad(set_to_none=True)
     return float(counter.get_total_flops())
+
+
+def cpu_peak_step_mb(config: str, overrides: list[str], batch: int, channels_last: bool, unfused: bool) -> float:
+    """Peak resident-set growth of one training step, in a fresh process (CPU)."""
+    import subprocess
+
+    # VmHWM (this address space's peak), not ru_maxrss: Linux carries the parent's peak across fork + exec
+    code = (
+        "import re, sys, torch; sys.path.insert(0, sys.argv[1]);"
+        "from bench_model import build, make_batch; from avi_scale.model.layers import NonLocalBlock;"
+        "hwm = lambda: int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1));"
+        f"NonLocalBlock.pad_for_fused_kernels = {not unfused};"
+        f"cfg, m = build({config!r}, {overrides!r}, 'cpu', {channels_last});"
+        f"x = make_batch(cfg, {batch}, 'cpu', {channels_last});"
+        "before = hwm();"
+        "m(x).loss.backward();"
+        "print((hwm() - before) / 1024)")
+    out = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent)], capture_output=True, text=True,
+                         check=True)
+    return float(out.stdout.strip().splitlines()[-1])
 
 
 def main(argv=None) -> int:
@@ -72,20 +112,31 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=5, help="timed steps per variant per round")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    ap.add_argument("--variants", default="attentive,local",
-                    help="comma list of: attentive, local, channels_last, compile, ckpt")
-    ap.add_argument("--peak-tflops", type=float, default=0.0, help="the device's peak, for the MFU column")
+    ap.add_argument("--variants", default="attentive,local,nvae,unfused",
+                    help="comma list of: " + ", ".join(VARIANTS))
+    ap.add_argument("--peak-tflops", type=float, default=0.0,
+                    help="the device's peak for the MFU column (default: measure this machine's ceiling)")
+    ap.add_argument("--memory", action="store_true", help="CPU: also measure each variant's peak memory per step "
+                                                          "in a fresh process")
     ap.add_argument("--json", default="", help="write results here")
     ap.add_argument("overrides", nargs="*", help="extra config overrides key=value")
     args = ap.parse_args(argv)
 
     config, preset = PRESETS[args.preset]
     dtype = torch.bfloat16 if args.precision == "bf16" else None
+    from avi_scale.model.layers import NonLocalBlock
+
+    peak = args.peak_tflops
+    if not peak:
+        from bench_ceiling import measure
+
+        peak = measure(args.device, dtypes=(args.precision,))[args.precision]["ceiling"] / 1e3
+        print(f"measured ceiling of this machine ({args.precision}): {peak * 1e3:.1f} GFLOP/s")
     runs = {}
     for v in args.variants.split(","):
-        ov = preset + args.overrides + (LOCAL if v == "local" else [])
-        if v == "ckpt":
-            ov = ov + ["model.activation_checkpointing=true"]
+        if v not in VARIANTS:
+            ap.error(f"unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
+        ov = variant_overrides(v, preset, args.overrides)
         cl = v == "channels_last"
         cfg, model = build(config, ov, args.device, cl)
         x = make_batch(cfg, args.batch, args.device, cl)
@@ -93,16 +144,21 @@ def main(argv=None) -> int:
         step_model = torch.compile(model) if v == "compile" else model
         opt = torch.optim.Adamax(model.parameters(), lr=1e-3, eps=1e-3)
 
-        def step(step_model=step_model, opt=opt, x=x):
+        def step(step_model=step_model, opt=opt, x=x, fused=v != "unfused"):
+            NonLocalBlock.pad_for_fused_kernels = fused
             with torch.autocast(args.device.split(":")[0], dtype=dtype, enabled=dtype is not None):
                 loss = step_model(x).loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
 
+        compile_s = time.perf_counter()
         for _ in range(2):  # warm-up (and compilation)
             step()
-        runs[v] = dict(step=step, flops=flops, params=count_parameters(model), times=[])
+        compile_s = time.perf_counter() - compile_s
+        runs[v] = dict(step=step, flops=flops, params=count_parameters(model), times=[], warmup_s=compile_s)
+        if args.memory and args.device == "cpu":
+            runs[v]["peak_mem_gb"] = cpu_peak_step_mb(config, ov, args.batch, cl, v == "unfused") / 1024
 
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     for _ in range(args.rounds):
@@ -121,20 +177,23 @@ def main(argv=None) -> int:
     base = None
     rows = []
     print(f"preset={args.preset} device={args.device} batch={args.batch} precision={args.precision}")
-    print(f"{'variant':<14}{'params':>10}{'GFLOP/img':>11}{'s/step':>9}{'img/s':>9}{'TFLOP/s':>9}{'MFU':>7}{'ratio':>7}")
+    print(f"{'variant':<14}{'params':>10}{'GFLOP/img':>11}{'s/step':>9}{'img/s':>9}{'TFLOP/s':>9}"
+          f"{'of peak':>9}{'ratio':>7}{'peak GB':>9}")
     for v, r in runs.items():
         t = statistics.median(r["times"])
         base = base or t
         tflops = r["flops"] / t / 1e12
-        mfu = tflops / args.peak_tflops if args.peak_tflops else float("nan")
+        mfu = tflops / peak
         row = dict(variant=v, params=r["params"], gflop_per_image=r["flops"] / args.batch / 1e9, step_s=t,
-                   images_per_s=args.batch / t, tflops=tflops, mfu=mfu, ratio_to_first=t / base,
-                   peak_mem_gb=r.get("peak_mem_gb"))
+                   images_per_s=args.batch / t, tflops=tflops, fraction_of_peak=mfu, peak_tflops=peak,
+                   ratio_to_first=t / base, peak_mem_gb=r.get("peak_mem_gb"), warmup_s=r["warmup_s"],
+                   times=r["times"])
         rows.append(row)
+        mem = f"{row['peak_mem_gb']:>9.2f}" if row["peak_mem_gb"] is not None else f"{'-':>9}"
         print(f"{v:<14}{r['params'] / 1e6:>9.2f}M{row['gflop_per_image']:>11.2f}{t:>9.3f}{row['images_per_s']:>9.1f}"
-              f"{tflops:>9.3f}{mfu:>7.1%}{t / base:>7.2f}")
+              f"{tflops:>9.3f}{mfu:>9.1%}{t / base:>7.2f}{mem}")
     if args.json:
-        Path(args.json).write_text(json.dumps(dict(args=vars(args), results=rows), indent=2))
+        Path(args.json).write_text(json.dumps(dict(args=vars(args), device=args.device, results=rows), indent=2))
     return 0
 
 

@@ -11,6 +11,7 @@ from avi_scale.config import AttentionConfig, ModelConfig, load_config
 from avi_scale.model import AttentiveVAE, count_parameters
 from avi_scale.model.attention import DepthwiseAttention
 from avi_scale.model.distributions import Bernoulli, DiagGaussian, DiscretizedLogisticMixture, bound
+from avi_scale.model.layers import NonLocalBlock
 
 from conftest import REPO
 
@@ -126,6 +127,35 @@ def test_depthwise_attention_weights_sum_to_one_and_are_per_pixel():
     mask[4, 5] = False
     assert torch.equal(out[..., mask], out2[..., mask])
     assert not torch.equal(out[..., 4, 5], out2[..., 4, 5])
+
+
+@pytest.mark.parametrize("channels,key_dim", [(6, 4), (4, 6), (5, 5)])
+def test_non_local_block_padding_for_fused_kernels_changes_nothing(channels, key_dim, monkeypatch):
+    """Padding q/k/v to one width (so SDPA's fused kernels apply) gives the unpadded block's output and
+    gradients, and the unpadded one equals the textbook softmax(scale q.k) v."""
+    torch.manual_seed(0)
+    block = NonLocalBlock(channels, key_dim)
+    with torch.no_grad():
+        block.gamma.fill_(0.7)
+        block.scale.fill_(0.3)
+    x = torch.randn(3, channels, 5, 4)
+
+    def run(pad: bool):
+        monkeypatch.setattr(NonLocalBlock, "pad_for_fused_kernels", pad)
+        block.zero_grad()
+        xi = x.clone().requires_grad_(True)
+        out = block(xi)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        return out.detach(), xi.grad, [p.grad.clone() for p in block.parameters()]
+
+    (a, ga, pa), (b, gb, pb) = run(True), run(False)
+    assert torch.allclose(a, b, atol=1e-5) and torch.allclose(ga, gb, atol=1e-5)
+    assert all(torch.allclose(u, v, atol=1e-4) for u, v in zip(pa, pb))
+    q = (block.query(x) * block.scale).flatten(2).transpose(1, 2)
+    k = block.key(x).flatten(2)
+    v = block.value(x).flatten(2).transpose(1, 2)
+    ref = x + block.gamma * (torch.softmax(q @ k, -1) @ v).transpose(1, 2).reshape_as(x)
+    assert torch.allclose(a, ref.detach(), atol=1e-5)
 
 
 def test_zero_gains_make_attention_add_nothing():

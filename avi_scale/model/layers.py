@@ -48,6 +48,10 @@ class NonLocalBlock(nn.Module):
     parameters are held as 1-element tensors (DeepSpeed cannot broadcast 0-dim parameters).
     """
 
+    # Zero-pad q/k/v to one width so that the fused SDPA kernels apply (see forward); False keeps the
+    # unpadded widths (the unfused math path) -- for benchmarks and exact FLOP counts.
+    pad_for_fused_kernels: bool = True
+
     def __init__(self, channels: int, key_dim: int):
         super().__init__()
         self.query = WNConv2d(channels, key_dim)
@@ -64,8 +68,8 @@ class NonLocalBlock(nn.Module):
         # The fused (flash / memory-efficient) kernels need equal q/k and v widths and unit stride in the
         # last dim, else SDPA falls back to its unfused math path (2.8x slower at 32x32 on CPU).
         # Zero-padding the narrower side to the wider one leaves q.k and the output unchanged.
-        width = max(q.shape[-1], c)
-        q, k, v = (F.pad(t, (0, width - t.shape[-1])).contiguous().unsqueeze(1) for t in (q, k, v))
+        width = max(q.shape[-1], c) if self.pad_for_fused_kernels else 0
+        q, k, v = (F.pad(t, (0, max(width - t.shape[-1], 0))).contiguous().unsqueeze(1) for t in (q, k, v))
         out = F.scaled_dot_product_attention(q, k, v, scale=1.0)
         out = out.squeeze(1)[..., :c].transpose(1, 2).reshape(b, c, h, w)
         return x + self.gamma * out
