@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
     q = args.quick
-    steps, rounds = (["--steps", "1", "--rounds", "2"] if q else ["--steps", "3", "--rounds", "3"])
+    steps = ["--steps", "1", "--rounds", "2"] if q else ["--steps", "3", "--rounds", "3"]
     res: dict = dict(device=args.device, machine=platform.processor() or platform.machine(),
                      cpus=torch.get_num_threads(), torch=torch.__version__,
                      gpu=torch.cuda.get_device_name() if args.device == "cuda" else None, results={})

@@ -165,8 +165,9 @@ def kl_heatmaps(groups: dict[str, list[RunSummary]], path: str | Path) -> Path:
     plt = _pyplot()
     depths = sorted({rs[0].num_layers for rs in groups.values()})
     cols = max(sum(1 for rs in groups.values() if rs[0].num_layers == d) for d in depths)
-    fig, axes = plt.subplots(len(depths), cols, figsize=(4.2 * cols, 0.35 * max(depths) * len(depths) + 1.6 * len(depths)),
-                             dpi=120, squeeze=False)
+    heights = [0.45 * d + 1.6 for d in depths]
+    fig, axes = plt.subplots(len(depths), cols, figsize=(4.4 * cols + 1.0, sum(heights)), dpi=120, squeeze=False,
+                             layout="constrained", gridspec_kw={"height_ratios": heights})
     for ax in axes.flat:
         ax.set_visible(False)
     col = {d: 0 for d in depths}
@@ -191,8 +192,7 @@ def kl_heatmaps(groups: dict[str, list[RunSummary]], path: str | Path) -> Path:
         ax.set_title(f"{name} ({'attentive' if rs[0].attentive else 'local'}, {len(rs)} seeds)\n"
                      f"test KL per layer: {' / '.join(f'{v:.1f}' for v in final)}", fontsize=8)
     if mesh is not None:
-        fig.colorbar(mesh, ax=[a for a in axes.flat if a.get_visible()], fraction=0.025, pad=0.02,
-                     label="KL_l / sum KL (train)")
+        fig.colorbar(mesh, ax=axes, fraction=0.03, pad=0.02, label="KL_l / sum KL (train, mean over seeds)")
     return _save_figure(fig, path)
 
 
@@ -200,7 +200,8 @@ def kl_per_layer_figure(groups: dict[str, list[RunSummary]], path: str | Path) -
     """Test-set KL per layer, one bar group per experiment, error bars = spread over seeds."""
     plt = _pyplot()
     depths = sorted({rs[0].num_layers for rs in groups.values()})
-    fig, axes = plt.subplots(1, len(depths), figsize=(4.5 * len(depths), 3.6), dpi=120, squeeze=False)
+    fig, axes = plt.subplots(1, len(depths), figsize=(4.5 * len(depths), 3.6), dpi=120, squeeze=False,
+                             layout="constrained")
     for i, d in enumerate(depths):
         ax = axes[0, i]
         members = [(n, rs) for n, rs in groups.items() if rs[0].num_layers == d]
@@ -216,7 +217,6 @@ def kl_per_layer_figure(groups: dict[str, list[RunSummary]], path: str | Path) -
         ax.set_ylabel("test KL (nats / image)")
         ax.set_title(f"{d} layers", fontsize=9)
         ax.legend(fontsize=7)
-    fig.tight_layout()
     return _save_figure(fig, path)
 
 
