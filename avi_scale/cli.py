@@ -1,11 +1,20 @@
 """Console entry points.  Heavy modules (torch, deepspeed, the data stack) are imported inside the
 verbs, after argument parsing, so ``--help`` answers at once.
 
-``avi-train CONFIG [key=value ...] [--print-config] [--dry-run]`` runs the one training loop
+``avi-train CONFIG [key=value ...] [--print-config] [--check] [--dry-run]`` runs the one training loop
 (:func:`avi_scale.engine.train`) on this rank.  Start it alone (``python -m avi_scale.cli`` or
 ``avi-train``) for one process, or under a launcher (``deepspeed --no_local_rank``, ``torchrun``,
 ``srun``): the rank comes from ``RANK``/``LOCAL_RANK``/``WORLD_SIZE``; a ``--local_rank`` argument
 from a launcher is accepted and ignored.
+
+``--check`` is what the scripts in ``launch/`` run (one process, before they start any rank): the
+config, the data (manifests, image shape, a global batch that fits the training split at
+``--world-size``) and the output directories (could they be created and written?), creating nothing.
+
+Exit status: 0 ok; 2 rejected (bad config, unreadable or corrupt data, an output directory that cannot be
+written, a checkpoint holding more than tensors and plain data); 3 training diverged (a checkpoint was
+saved); 4 a checkpoint could not be saved (disk full, unwritable; the previous complete checkpoint is
+intact).
 """
 
 from __future__ import annotations
@@ -27,8 +36,13 @@ def _train_parser() -> argparse.ArgumentParser:
                    help="dotlist overrides applied after the YAML, e.g. model.num_layers=8")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--dry-run", action="store_true",
-                   help="validate the config and the data URLs, build the model, report parameters, FLOPs "
-                        "and the DeepSpeed config; start no process group and train nothing")
+                   help="validate the config, the data URLs and the output directories, build the model, report "
+                        "parameters, FLOPs and the DeepSpeed config; start no process group and train nothing")
+    p.add_argument("--check", action="store_true",
+                   help="validate the config, the data and the output directories quietly (what the launch scripts "
+                        "run before starting ranks); exit 2 naming the problem, create nothing")
+    p.add_argument("--world-size", type=int, default=None,
+                   help="ranks the run will have, for --check/--dry-run (default: WORLD_SIZE, else 1)")
     # launchers without --no_local_rank append --local_rank=N; the rank comes from the environment
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p
@@ -38,17 +52,40 @@ def _is_rank0() -> bool:
     return os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
 
 
-def _dry_run(cfg) -> int:
-    """What the run would be, without starting it.  Raises on unreadable data or a shape mismatch."""
-    from avi_scale.data import read_manifest, split_urls
-    from avi_scale.data.manifest import resolve_split
-    from avi_scale.engine.deepspeed_config import build_ds_config
-    from avi_scale.engine.metrics import count_flops
-    from avi_scale.model import AttentiveVAE
+def _world_size(arg: Optional[int]) -> int:
+    if arg is not None:
+        if arg < 1:
+            raise ValueError(f"--world-size must be >= 1, got {arg}")
+        return arg
+    return int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
 
-    world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
-    t, m = cfg.train, cfg.model
-    lines = [f"config: {cfg.name} (valid)"]
+
+def _output_problems(cfg) -> list[str]:
+    """Output directories that could not be created or written (nothing is created)."""
+    from avi_scale.engine.checkpoint import output_dir_problem
+
+    t = cfg.train
+    problems = [output_dir_problem(t.output_dir, "train.output_dir")]
+    if t.checkpoint_dir:
+        problems.append(output_dir_problem(t.checkpoint_dir, "train.checkpoint_dir"))
+    return [p for p in problems if p]
+
+
+def _check_data(cfg, world: int) -> list[str]:
+    """One line per split; raises on a missing/unreadable manifest, a shape mismatch or a batch that does
+    not fit the training split."""
+    from avi_scale.data import openers, read_manifest, split_urls
+    from avi_scale.data.manifest import resolve_split
+
+    t, m, d = cfg.train, cfg.model, cfg.data
+    # the endpoint and retry policy of the run (build_loader does this for the engine)
+    openers.configure(endpoint_url=d.s3_endpoint_url, retries=d.io_retries, timeout_s=d.io_timeout_s,
+                      backoff_s=d.io_backoff_s)
+    if not cfg.data.train_urls:
+        raise ValueError("data.train_urls: required for training: a dataset directory holding manifest.json "
+                         "(e.g. data/mnist5k, s3://bucket/cifar10) or a shard pattern "
+                         "(e.g. data/mnist/train-{000000..000009}.tar)")
+    lines = []
     slots = world * t.gradient_accumulation_steps
     for split in ("train", "val", "test"):
         try:
@@ -69,10 +106,39 @@ def _dry_run(cfg) -> int:
             per_epoch = shards.num_samples // (slots * t.micro_batch_size)
             if per_epoch < 1:
                 raise ValueError(f"the training split has {shards.num_samples} images, fewer than one global "
-                                 f"batch of {slots * t.micro_batch_size}")
+                                 f"batch of {slots * t.micro_batch_size} = {world} rank(s) x "
+                                 f"train.gradient_accumulation_steps={t.gradient_accumulation_steps} x "
+                                 f"train.micro_batch_size={t.micro_batch_size}: lower train.micro_batch_size")
             lines.append(f"steps: {t.steps} ({t.steps / per_epoch:.2f} epochs of {per_epoch} steps; global batch "
                          f"{slots * t.micro_batch_size} = {world} rank(s) x {t.gradient_accumulation_steps} "
                          f"micro-batch(es) x {t.micro_batch_size})")
+    return lines
+
+
+def _check(cfg, world: int) -> int:
+    """``--check``: data and output directories; quiet on success (the launch scripts' stdout stays theirs)."""
+    _check_data(cfg, world)
+    problems = _output_problems(cfg)
+    if problems:
+        raise ValueError("; ".join(problems))
+    print(f"avi-train --check: {cfg.name}: config, data and output directories ok for {world} rank(s)",
+          file=sys.stderr)
+    return 0
+
+
+def _dry_run(cfg, world: int) -> int:
+    """What the run would be, without starting it.  Raises on unreadable data or a shape mismatch."""
+    from avi_scale.engine.deepspeed_config import build_ds_config
+    from avi_scale.engine.metrics import count_flops
+    from avi_scale.model import AttentiveVAE
+
+    m = cfg.model
+    lines = [f"config: {cfg.name} (valid)"] + _check_data(cfg, world)
+    problems = _output_problems(cfg)
+    if problems:
+        raise ValueError("; ".join(problems))
+    lines.append(f"output: {cfg.train.output_dir} (writable; checkpoints in "
+                 f"{cfg.train.checkpoint_dir or cfg.train.output_dir + '/checkpoints'})")
     model = AttentiveVAE(m)
     n_params = sum(p.numel() for p in model.parameters())
     flops = count_flops(m)
@@ -89,7 +155,8 @@ def _dry_run(cfg) -> int:
 
 
 def train_main(argv: Optional[Sequence[str]] = None) -> int:
-    """``avi-train``: returns the process exit status (0 ok, 2 bad config/data, 3 training diverged)."""
+    """``avi-train``: returns the process exit status (0 ok, 2 rejected before training: config, data or output
+    directory; 3 training diverged; 4 a checkpoint could not be saved)."""
     args = _train_parser().parse_intermixed_args(argv)
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
@@ -105,22 +172,37 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
         if _is_rank0():
             print(to_yaml(cfg), end="")
         return 0
-    if args.dry_run:
+    if args.dry_run or args.check:
         from avi_scale.data import DataError
 
+        verb = "--dry-run" if args.dry_run else "--check"
         try:
-            return _dry_run(cfg) if _is_rank0() else 0
+            world = _world_size(args.world_size)
+            if not _is_rank0():
+                return 0
+            return _dry_run(cfg, world) if args.dry_run else _check(cfg, world)
         except (DataError, ValueError) as exc:
-            print(f"avi-train --dry-run: {exc}", file=sys.stderr)
+            print(f"avi-train {verb}: {exc}", file=sys.stderr)
             return 2
+    if not cfg.data.train_urls:
+        print("avi-train: data.train_urls: required for training: a dataset directory holding manifest.json or a "
+              "shard pattern", file=sys.stderr)
+        return 2
 
-    from avi_scale.engine import TrainingDiverged, train
+    from avi_scale.data import DataError
+    from avi_scale.engine import CheckpointSaveError, OutputDirError, TrainingDiverged, UnsafeCheckpointError, train
 
     try:
         metrics = train(cfg)
     except TrainingDiverged as exc:
         print(f"avi-train: training diverged: {exc}", file=sys.stderr)
         return 3
+    except (DataError, OutputDirError, UnsafeCheckpointError) as exc:
+        print(f"avi-train: {exc}", file=sys.stderr)
+        return 2
+    except CheckpointSaveError as exc:
+        print(f"avi-train: {exc}", file=sys.stderr)
+        return 4
     if _is_rank0():
         keys = ("step", "val_neg_elbo", "val_bpd", "skipped_steps", "checkpoint", "export")
         print("avi-train: done: " + ", ".join(f"{k}={metrics[k]}" for k in keys if k in metrics))

@@ -2,8 +2,9 @@
 
 Every run is described by a single :class:`ExperimentConfig`: typed dataclasses merged by OmegaConf
 from (1) the defaults below, (2) a YAML file under ``configs/`` and (3) command-line dotlist overrides
-such as ``model.num_layers=8``.  Unknown keys and values of the wrong type are rejected with the key
-named; impossible combinations are rejected by :func:`validate`.  The resolved config is printed and
+such as ``model.num_layers=8``.  Unknown keys (with the keys the section allows), values of the wrong
+type and required values left at ``???`` are rejected with the key named; impossible combinations are
+rejected by :func:`validate`.  The resolved config is printed and
 saved with every run, so everything a run did can be recovered from it.
 """
 
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 NONLOCAL_PLACES = ("preprocess", "encoder", "decoder", "merge", "postprocess")
 LIKELIHOODS = ("bernoulli", "logistic_mixture")
@@ -210,7 +211,28 @@ class ExperimentConfig:
 def _config_error(exc: OmegaConfBaseException) -> ConfigError:
     key = getattr(exc, "full_key", None)
     first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    section = getattr(exc, "object_type", None)
+    if isinstance(exc, ConfigKeyError) and dataclasses.is_dataclass(section):
+        # an unknown key: say what the section allows (OmegaConf only suggests close matches)
+        allowed = ", ".join(f.name for f in dataclasses.fields(section))
+        parent = key.rpartition(".")[0] if key else ""
+        first += f" (allowed keys{f' of {parent}' if parent else ''}: {allowed})"
     return ConfigError(f"invalid config{f' at key {key!r}' if key else ''}: {first}")
+
+
+def _check_required(layers: list, sources: list[str]) -> None:
+    """Reject values left at OmegaConf's ``???`` (a required value) by every layer.
+
+    OmegaConf's merge keeps the default where a YAML says ``???``, so without this check a template
+    value that was never filled in would silently train with the schema's default.
+    """
+    merged = OmegaConf.merge(*layers) if layers else OmegaConf.create()
+    missing = sorted(OmegaConf.missing_keys(merged))
+    if missing:
+        where = " or ".join(sources) or "the config"
+        raise ConfigError(f"{missing[0]}: required value ('???' in {where}) was not given; set it in the YAML "
+                          f"or on the command line ({missing[0]}=...)"
+                          + (f"; also missing: {', '.join(missing[1:])}" if len(missing) > 1 else ""))
 
 
 def _structured() -> DictConfig:
@@ -235,6 +257,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
                 raise ConfigError(f"override {item!r} is not of the form key=value")
         if overrides:
             layers.append(OmegaConf.from_dotlist(list(overrides)))
+        _check_required(layers, [str(path)] if path is not None else [])
         merged = OmegaConf.merge(base, *layers)
         cfg: ExperimentConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as exc:
@@ -246,7 +269,9 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
 def from_dict(d: dict) -> ExperimentConfig:
     """Build a validated config from a plain (possibly partial) nested dict, e.g. a saved run config."""
     try:
-        cfg = OmegaConf.to_object(OmegaConf.merge(_structured(), OmegaConf.create(d)))
+        layer = OmegaConf.create(d)
+        _check_required([layer], [])
+        cfg = OmegaConf.to_object(OmegaConf.merge(_structured(), layer))
     except OmegaConfBaseException as exc:
         raise _config_error(exc) from None
     validate(cfg)  # type: ignore[arg-type]
@@ -265,6 +290,14 @@ def save_config(cfg: ExperimentConfig, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(to_yaml(cfg))
+
+
+def _has_userinfo(url: Optional[str]) -> bool:
+    """True for ``scheme://user[:password]@host/...`` URLs."""
+    if not url or "://" not in url:
+        return False
+    netloc = url.split("://", 1)[1].split("/", 1)[0]
+    return "@" in netloc
 
 
 def _require(cond: bool, key: str, msg: str) -> None:
@@ -316,6 +349,11 @@ def validate(cfg: ExperimentConfig) -> None:
     _require(d.io_timeout_s > 0, "data.io_timeout_s", "must be > 0")
     _require(d.io_backoff_s >= 0, "data.io_backoff_s", "must be >= 0")
     _require(d.batch_timeout_s >= 0, "data.batch_timeout_s", "must be >= 0 (0: no limit)")
+    for name in ("train_urls", "val_urls", "test_urls", "s3_endpoint_url"):
+        _require(not _has_userinfo(getattr(d, name)), f"data.{name}",
+                 "must not carry credentials (user:password@host): they would be saved with the run's config "
+                 "and checkpoints; S3 credentials come from the AWS chain (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+                 "AWS_PROFILE, an instance role)")
     _require(o.optimizer in ("adamax", "adamw"), "optim.optimizer", "must be 'adamax' or 'adamw'")
     _require(o.lr > 0 and o.min_lr >= 0, "optim.lr", "learning rates must be positive")
     _require(len(o.betas) == 2, "optim.betas", "must be two numbers")

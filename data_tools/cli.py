@@ -3,6 +3,11 @@
 One sub-command per source (cifar10, cifar100, mnist, omniglot, folder, numpy, mnist5k) plus ``verify``.
 Heavy modules are imported inside the handlers so ``avi-shards --help`` is instant.
 
+Untrusted input: ``cifar10``/``cifar100`` read the official pickled batches with an unpickler that builds
+numpy arrays and nothing else (any other global is refused); this is the only unpickling in the data path.
+Convert pickles from the official source only; the shards written here hold PNG bytes and integer labels,
+and the loaders never unpickle shard contents.
+
 Exit status: 0 success; 1 ``verify`` found problems; 2 bad input, refused output or storage failure.
 """
 
@@ -41,11 +46,13 @@ def _parser() -> argparse.ArgumentParser:
                                      epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("cifar10", help="CIFAR-10 python pickle batches (directory or .tar.gz)")
+    p = sub.add_parser("cifar10", help="CIFAR-10 python pickle batches (directory or .tar.gz; read by an "
+                       "arrays-only unpickler)")
     p.add_argument("--src", required=True, help="cifar-10-python.tar.gz or the cifar-10-batches-py directory")
     _output_options(p)
 
-    p = sub.add_parser("cifar100", help="CIFAR-100 python pickles (directory or .tar.gz)")
+    p = sub.add_parser("cifar100", help="CIFAR-100 python pickles (directory or .tar.gz; read by an arrays-only "
+                       "unpickler)")
     p.add_argument("--src", required=True, help="cifar-100-python.tar.gz or the cifar-100-python directory")
     p.add_argument("--labels", choices=("fine", "coarse"), default="fine", help="which labels to store")
     _output_options(p)

@@ -8,6 +8,7 @@ written is in memory.  Every problem is a :class:`SourceError` naming the file.
 from __future__ import annotations
 
 import gzip
+import io
 import pickle
 import struct
 import tarfile
@@ -127,9 +128,27 @@ def _file_info(path: Path) -> dict:
 # ------------------------------------------------------------------------------------------ CIFAR
 
 
+# The only unpickling in the data path.  CIFAR's official "python version" batches are pickles (dicts of
+# bytes keys, a uint8 numpy array and label lists), so the converter must read pickles; it does so with an
+# unpickler that resolves nothing but numpy's array reconstruction (and ``_codecs.encode``, which protocol-2
+# pickles use for bytes): a pickle that names any other global (``os.system``, ``builtins.eval``, ...) is
+# refused before anything is called.  The shard loaders never unpickle: they read tar members as bytes and
+# decode only PNG images and integer labels.
+_CIFAR_GLOBALS = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                  ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+
+class _ArraysOnlyUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):  # noqa: D102 - the unpickler's hook
+        if (module, name) not in _CIFAR_GLOBALS:
+            raise pickle.UnpicklingError(f"refusing to load global {module}.{name} (a CIFAR batch holds only "
+                                         "numpy arrays, lists and bytes)")
+        return super().find_class(module, name)
+
+
 def _unpickle(data: bytes, origin: str) -> dict:
     try:
-        raw = pickle.loads(data, encoding="bytes")  # the official python-version batches are pickles
+        raw = _ArraysOnlyUnpickler(io.BytesIO(data), encoding="bytes").load()
     except Exception as exc:  # noqa: BLE001 - corrupt pickles raise many types
         raise SourceError(f"{origin}: not a CIFAR python batch ({type(exc).__name__}: {exc})") from None
     if not isinstance(raw, dict):

@@ -1,6 +1,8 @@
 # Shared by the launch scripts (sourced, not run).  Every script takes the experiment YAML and
-# dotlist overrides, prints the command it starts, then replaces itself with it.
-#   AVI_DRY_RUN=1   print the command only
+# dotlist overrides, checks them (avi_check_config), prints the command it starts, then replaces
+# itself with it.
+#   AVI_DRY_RUN=1     print the command only (after the check)
+#   AVI_SKIP_CHECK=1  skip the check (e.g. when only the compute nodes can read the data)
 #   PYTHON, DEEPSPEED, TORCHRUN   the interpreters/launchers to use (default: from PATH)
 
 avi_usage() {
@@ -39,6 +41,21 @@ avi_cpu_defaults() {
     local cores
     cores=$(nproc)
     export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( cores / nproc_per_node > 0 ? cores / nproc_per_node : 1 ))}"
+  fi
+}
+
+# Validate the config, the data and the output directories in one process before anything starts
+# (`avi-train --check`): a bad config is rejected here with the key named, and no rank, node or run
+# directory is created.  usage: avi_check_config WORLD_SIZE CONFIG.yaml [key=value ...]
+avi_check_config() {
+  local world=$1
+  shift
+  if [ "${AVI_SKIP_CHECK:-0}" = 1 ]; then
+    return 0
+  fi
+  if ! "${PYTHON:-python}" -m avi_scale.cli "$@" --check --world-size "$world"; then
+    echo "$(basename "$0"): nothing launched: the config check above failed (AVI_SKIP_CHECK=1 skips it)" >&2
+    exit 2
   fi
 }
 

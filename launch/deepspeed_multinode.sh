@@ -19,6 +19,8 @@ avi_need_config "$@"
 [ -n "${MASTER_ADDR:-}" ] || avi_usage "set MASTER_ADDR to the first host's address"
 
 slots=$(awk '$1 !~ /^#/ && NF { for (i = 2; i <= NF; i++) if ($i ~ /^slots=/) { sub("slots=", "", $i); print $i; exit } }' "$HOSTFILE")
+world=$(awk '$1 !~ /^#/ && NF { n = 1; for (i = 2; i <= NF; i++) if ($i ~ /^slots=/) { sub("slots=", "", $i); n = $i } total += n } END { print total + 0 }' "$HOSTFILE")
+avi_check_config "$(( world > 0 ? world : 1 ))" "$@"
 avi_cpu_defaults "${slots:-1}"
 common=(--hostfile "$HOSTFILE" --master_addr "$MASTER_ADDR" --master_port "${MASTER_PORT:-29500}" --no_local_rank)
 if [ -n "${NODE_RANK:-}" ]; then

@@ -9,6 +9,7 @@ source "$here/common.sh"
 avi_need_config "$@"
 
 nproc=$(avi_node_ranks)
+avi_check_config "$nproc" "$@"
 avi_cpu_defaults "$nproc"
 avi_run "${DEEPSPEED:-deepspeed}" --num_gpus "$nproc" --master_port "${MASTER_PORT:-29500}" \
   --no_local_rank --module avi_scale.cli "$@"

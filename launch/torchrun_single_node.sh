@@ -8,5 +8,6 @@ source "$here/common.sh"
 avi_need_config "$@"
 
 nproc=$(avi_node_ranks)
+avi_check_config "$nproc" "$@"
 avi_cpu_defaults "$nproc"
 avi_run "${TORCHRUN:-torchrun}" --standalone --nnodes 1 --nproc_per_node "$nproc" -m avi_scale.cli "$@"

@@ -528,10 +528,10 @@ def test_launch_scripts_print_what_they_start(config_file, tmp_path):
                          capture_output=True, text=True, check=True).stdout
     assert (tmp_path / "slurm-hosts").read_text() == "gpu-001 slots=4\ngpu-002 slots=4\n"
     assert "--launcher slurm" in out and "--master_addr gpu-001" in out and "launch/train_entry.py" in out
-    out = subprocess.run(["bash", str(REPO / "launch" / "slurm_torchrun.sbatch"), str(config_file), "a.b=1"], cwd=tmp_path, env=slurm,
+    out = subprocess.run(["bash", str(REPO / "launch" / "slurm_torchrun.sbatch"), str(config_file), "train.steps=3"], cwd=tmp_path, env=slurm,
                          capture_output=True, text=True, check=True).stdout
     assert "launching: srun --ntasks-per-node=1" in out and "--nnodes 2" in out
-    assert "--rdzv_endpoint gpu-001:29500" in out and out.rstrip().endswith("a.b=1")
+    assert "--rdzv_endpoint gpu-001:29500" in out and out.rstrip().endswith("train.steps=3")
 
     env = _env(NCCL_DEBUG="INFO")
     subprocess.run(["bash", str(REPO / "launch" / "make_deepspeed_env.sh"), "NCCL_DEBUG", "NOT_SET_ANYWHERE"],

@@ -518,6 +518,10 @@ def split_urls(data_cfg: Any, split: str) -> str:
         return urls
     if data_cfg.train_urls and not is_shard_pattern(data_cfg.train_urls):
         return data_cfg.train_urls
+    if split == "train":
+        raise ValueError("data.train_urls is not set: name a dataset directory holding manifest.json (e.g. "
+                         "data/mnist5k, s3://bucket/cifar10) or a shard pattern (e.g. "
+                         "data/mnist/train-{000000..000009}.tar)")
     raise ValueError(f"data.{split}_urls is not set (and data.train_urls is not a dataset directory whose "
                      f"manifest could name the {split!r} shards)")
 

@@ -4,7 +4,9 @@
 launchers and Ray Tune; see :mod:`avi_scale.engine.loop` and ``docs/engine.md``.
 """
 
-from avi_scale.engine.checkpoint import export_consolidated, load_exported
+from avi_scale.engine.checkpoint import (CheckpointSaveError, OutputDirError, UnsafeCheckpointError,
+                                        export_consolidated, load_exported)
 from avi_scale.engine.loop import TrainingDiverged, train
 
-__all__ = ["TrainingDiverged", "export_consolidated", "load_exported", "train"]
+__all__ = ["CheckpointSaveError", "OutputDirError", "TrainingDiverged", "UnsafeCheckpointError",
+           "export_consolidated", "load_exported", "train"]

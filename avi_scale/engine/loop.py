@@ -11,11 +11,11 @@ global batch layout, not on how it is spread over processes: 2 ranks x 1 micro-b
 
 Per step: learning rate and KL weight from the schedules, forward/backward through the DeepSpeed
 engine, ``engine.step()`` (the step guard may discard it; see :mod:`avi_scale.engine.optim`), EMA
-update for applied steps.  Every ``log_every`` steps rank 0 writes averaged metrics; every
-``checkpoint_every`` steps all ranks save; every ``eval_every`` steps the EMA weights are
-evaluated on the validation split, image grids are written and ``report(metrics)`` is called on
-every rank.  At the end: a last checkpoint, evaluation, sample/reconstruction PNGs and a
-consolidated fp32 export.
+update for applied steps; a discarded step also gets its BatchNorm statistics restored.  Every
+``log_every`` steps rank 0 writes averaged metrics; every ``checkpoint_every`` steps all ranks save;
+every ``eval_every`` steps the EMA weights are evaluated on the validation split, image grids are
+written and ``report(metrics)`` is called on every rank.  At the end: a last checkpoint, evaluation,
+sample/reconstruction PNGs and a consolidated fp32 export.
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ import torch
 
 from avi_scale.config import ExperimentConfig, save_config, to_dict
 from avi_scale.engine import distributed as D
-from avi_scale.engine.checkpoint import Checkpointer, export_consolidated, has_model_states, resolve
+from avi_scale.engine.checkpoint import (Checkpointer, OutputDirError, ensure_writable, export_consolidated,
+                                        has_model_states, resolve)
 from avi_scale.engine.deepspeed_config import build_ds_config
 from avi_scale.engine.ema import EMA
 from avi_scale.engine.metrics import (MetricsWriter, count_flops, current_memory_mb, image_grid, model_state_mb,
@@ -84,7 +85,10 @@ def noise_seed(*parts: Any) -> int:
 
 
 def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    # numpy's state as plain numbers (not an ndarray): checkpoints then load with torch.load(weights_only=True)
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = (name, keys.tolist(), int(pos), int(has_gauss), float(cached))
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -92,10 +96,19 @@ def _rng_state() -> dict:
 
 def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _json_or_none(line: str) -> Optional[dict]:
+    """A JSON line, or None for a torn one (a process killed, or a disk filled, in the middle of a write)."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return None
 
 
 def _image_ids(x: torch.Tensor) -> list[str]:
@@ -134,6 +147,11 @@ class _TrainStreams:
     def state(self) -> dict:
         return {slot: loader.state_dict() for slot, loader in zip(self.slots, self.loaders)}
 
+    @property
+    def skipped(self) -> int:
+        """Corrupt samples skipped so far by this rank's loaders (``data.skip_corrupt``; kept across resumes)."""
+        return sum(loader.skipped for loader in self.loaders)
+
     def close(self) -> None:
         for it in self.iters:  # stops DataLoader worker processes of an unfinished epoch
             it.close()
@@ -161,6 +179,7 @@ class _Run:
         self._recon_batch: Optional[torch.Tensor] = None
         self._batch_log = None
         self.log: Optional[MetricsWriter] = None
+        self.skipped_samples = 0  # corrupt training samples skipped over all ranks (data.skip_corrupt)
 
     # -- set-up ---------------------------------------------------------------------------------
     def _build(self) -> None:
@@ -234,6 +253,19 @@ class _Run:
         self.last_ckpt, self.last_ckpt_step = tag_dir, self.step
         return tag_dir
 
+    def _check_outputs(self) -> None:
+        """Before anything is built: every rank can write the checkpoint directory, rank 0 the run
+        directory; otherwise all ranks raise the same :class:`OutputDirError` naming the key."""
+        problems = []
+        if self.main:
+            problems.append(ensure_writable(self.run_dir, "train.output_dir"))
+        key = "train.checkpoint_dir" if self.cfg.train.checkpoint_dir else "train.output_dir (its checkpoints/)"
+        problems.append(ensure_writable(self.ckpt_dir, key, probe=f".avi-write-probe-rank{self.world.rank}"))
+        found = sorted({p for part in D.all_gather_object([p for p in problems if p]) for p in part})
+        if found:
+            raise OutputDirError("; ".join(found) + ". Nothing was trained: choose another directory or make it "
+                                 "writable, then rerun.")
+
     def _prepare_run_dir(self) -> None:
         if self.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -243,6 +275,7 @@ class _Run:
 
     # -- the loop -------------------------------------------------------------------------------
     def run(self) -> dict:
+        self._check_outputs()
         self._build()
         self._prepare_run_dir()
         self.steps_per_epoch = self.streams.num_batches
@@ -270,8 +303,9 @@ class _Run:
         path = self.run_dir / "batches" / f"rank{self.world.rank:05d}.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
         kept = []
-        if path.exists():  # drop what a crashed run logged after its last checkpoint
-            kept = [ln for ln in path.read_text().splitlines() if json.loads(ln)["step"] < self.step]
+        if path.exists():  # drop what a crashed run logged after its last checkpoint (and a torn last line)
+            kept = [ln for ln in path.read_text().splitlines()
+                    if (row := _json_or_none(ln)) is not None and row["step"] < self.step]
         path.write_text("".join(ln + "\n" for ln in kept))
         return open(path, "a", buffering=1)
 
@@ -301,6 +335,9 @@ class _Run:
         waited = 0.0
         local = torch.zeros(4 + self.cfg.model.num_layers, dtype=torch.float64, device=self.world.device)
         bad_loss = torch.zeros(1, device=self.world.device)
+        # a skipped step must not change the BatchNorm statistics either (a NaN batch would poison them)
+        buffers = list(self.engine.module.buffers())
+        saved_buffers = [b.detach().clone() for b in buffers]
         for m in range(self.G):
             t0 = time.perf_counter()
             x, _ = self.streams.next(m)
@@ -340,17 +377,21 @@ class _Run:
             self.consecutive_skips = 0
             window.add(local, norm, step_time, waited)
         else:
+            with torch.no_grad():
+                for b, saved in zip(buffers, saved_buffers):
+                    b.copy_(saved)
             self.skipped_total += 1
             self.consecutive_skips += 1
             window.skip(step_time, waited)
-            if self.main:
-                self.log.write(f"step {self.step}: skipped (loss finite: {not bad_loss.item()}, "
-                               f"grad norm {norm:.4g}); {self.consecutive_skips} in a row")
+            if self.main:  # steps are numbered from 1 in messages, as in metrics.jsonl and checkpoint tags
+                self.log.write(f"step {self.step + 1}: skipped (loss finite: {not bad_loss.item()}, "
+                               f"grad norm {norm:.4g}); {self.consecutive_skips} in a row, {self.skipped_total} "
+                               f"in all")
             if self.consecutive_skips >= t.max_consecutive_skips:
                 self.step += 1
                 path = self._save()
                 raise TrainingDiverged(
-                    f"{self.consecutive_skips} consecutive steps skipped (last: step {self.step - 1}, grad norm "
+                    f"{self.consecutive_skips} consecutive steps skipped (last: step {self.step}, grad norm "
                     f"{norm:.4g}, loss finite: {not bad_loss.item()}); checkpoint of the last good weights saved "
                     f"at {path}. Lower optim.lr, set optim.gradient_clipping, or raise train.skip_threshold "
                     f"(now {t.skip_threshold}) / train.max_consecutive_skips (now {t.max_consecutive_skips}).")
@@ -369,17 +410,23 @@ class _Run:
             neg_elbo = sums[1].item() / n
             m.update(loss=sums[0].item() / n, neg_elbo=neg_elbo, bpd=neg_elbo / (self._num_dims * math.log(2.0)),
                      recon_nll=sums[2].item() / n, kl=sum(kl_layers), kl_per_layer=kl_layers)
+        skipped = D.all_reduce(torch.tensor([float(self.streams.skipped)], dtype=torch.float64,
+                                            device=self.world.device))
         images_per_s = self.images_per_step * window.steps / elapsed
         tflops = self.flops["train_per_image"] * images_per_s / self.world.world_size / 1e12
         m.update(
             grad_norm=(sum(window.norms) / len(window.norms)) if window.norms else float("nan"),
-            lr=window.lr, beta=window.beta, skipped_steps=self.skipped_total,
+            lr=window.lr, beta=window.beta, skipped_steps=self.skipped_total, skipped_samples=int(skipped.item()),
             images_per_s=images_per_s, step_time_s=elapsed / max(window.steps, 1),
             data_wait_frac=window.waited / elapsed, mem_mb=memory[0].item(), peak_mem_mb=memory[1].item(),
             model_state_mb=memory[2].item(), tflops=tflops,
         )
         if self.peak:
             m["mfu"] = tflops / self.peak
+        if m["skipped_samples"] > self.skipped_samples:
+            self.log.write(f"step {self.step}: {m['skipped_samples']} corrupt training sample(s) skipped so far "
+                           f"(data.skip_corrupt; the loaders log which)")
+        self.skipped_samples = m["skipped_samples"]
         self.log.record("train", m)
         return m
 
@@ -405,6 +452,7 @@ class _Run:
             "micro_batch_size": self.cfg.train.micro_batch_size, "loaders": loaders, "rng": rngs,
             "ema": {"state_dict": ema_sd, "num_updates": self.ema.num_updates, "decay": self.ema.decay},
             "skipped_steps": self.skipped_total, "consecutive_skips": self.consecutive_skips,
+            "skipped_samples": sum(state.get("skipped", 0) for state in loaders.values()),
             "config": to_dict(self.cfg), "ds_config": self.ds_config,
         }
 
@@ -445,6 +493,7 @@ class _Run:
         module = self.engine.module
         self._sync_buffers()
         sums = torch.zeros(4 + mcfg.num_layers, dtype=torch.float64, device=self.world.device)
+        skipped_before = self.val_loader.skipped
         it = iter(self.val_loader)
         i = 0
         with self.ema.swapped():
@@ -476,17 +525,19 @@ class _Run:
             finally:
                 it.close()  # an unfinished pass (train.eval_batches) stops its loader workers
                 module.train()
+        sums[2] = float(self.val_loader.skipped - skipped_before)  # (slot 2 is otherwise unused)
         D.all_reduce(sums)
         n = sums[3].item()
         if n == 0:
-            raise RuntimeError("the validation split is empty")
+            raise RuntimeError("the validation split is empty" + (" (every sample was skipped as corrupt)"
+                                                                   if sums[2].item() else ""))
         kl_layers = (sums[4:] / n).tolist()
         neg_elbo = sums[0].item() / n
         return {
             "val_neg_elbo": neg_elbo, "val_nll": neg_elbo,
             "val_bpd": neg_elbo / (self._num_dims * math.log(2.0)),
             "val_recon_nll": sums[1].item() / n, "val_kl": sum(kl_layers), "val_kl_per_layer": kl_layers,
-            "val_images": int(n),
+            "val_images": int(n), "val_skipped_samples": int(sums[2].item()),
         }
 
     def _plain_model(self):
@@ -555,6 +606,7 @@ class _Run:
         checkpoint = self._save()
         result: dict[str, Any] = {"step": self.step, "epoch": self.step / self.steps_per_epoch,
                                   "finished": finished, "skipped_steps": self.skipped_total,
+                                  "skipped_samples": self.skipped_samples,
                                   "num_parameters": self.num_params, "run_dir": str(self.run_dir),
                                   "checkpoint": str(checkpoint)}
         result.update({k: v for k, v in self.last_train.items() if k not in ("step", "epoch")})

@@ -6,11 +6,11 @@ and the measurements behind them (peak memory, counted FLOPs, MFU).
 * ``"train"`` (every ``train.log_every`` steps, averaged over the steps since the previous line):
   ``step, epoch, time, loss, neg_elbo, bpd, recon_nll, kl, kl_per_layer`` (list, nats per image,
   layer 1 = top), ``grad_norm, lr, beta, skipped_steps, images_per_s, step_time_s,
-  data_wait_frac, mem_mb, peak_mem_mb, model_state_mb, tflops`` and, when the device peak is known,
-  ``mfu``;
+  data_wait_frac, mem_mb, peak_mem_mb, model_state_mb, tflops, skipped_samples`` (corrupt training
+  samples skipped so far over all ranks, ``data.skip_corrupt``) and, when the device peak is known, ``mfu``;
 * ``"eval"`` (every ``train.eval_every`` steps and at the end, EMA weights, the validation split):
   ``step, epoch, time, val_neg_elbo, val_nll, val_bpd, val_recon_nll, val_kl, val_kl_per_layer,
-  val_images, checkpoint``;
+  val_images, val_skipped_samples, checkpoint``;
 * ``"final"``: the returned metrics of :func:`avi_scale.engine.train`.
 """
 
@@ -208,7 +208,10 @@ class MetricsWriter:
         kept = []
         if path.exists() and initial_step > 0:  # a resumed run keeps what was logged up to its step
             for line in path.read_text().splitlines():
-                row = json.loads(line)
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:  # torn by a kill or a full disk in the middle of a write
+                    continue
                 if row["kind"] != "final" and row["step"] <= initial_step:
                     kept.append(line)
         path.write_text("".join(line + "\n" for line in kept))

@@ -120,12 +120,14 @@ def _from_file(path: Path, use_ema: bool, config_path: Optional[Path]) -> Loaded
 
 
 def _from_deepspeed(tag_dir: Path, use_ema: bool, config_path: Optional[Path]) -> LoadedModel:
-    from avi_scale.engine.checkpoint import consolidated_state_dict
+    from avi_scale.engine.checkpoint import UnsafeCheckpointError, consolidated_state_dict
 
     try:
         state, client = consolidated_state_dict(tag_dir)
     except (FileNotFoundError, KeyError) as exc:
         raise CheckpointError(f"{tag_dir} is not a readable avi-scale DeepSpeed checkpoint: {exc}") from None
+    except UnsafeCheckpointError as exc:  # a file holding more than tensors and plain data: not loaded
+        raise CheckpointError(str(exc)) from None
     if config_path is not None:
         cfg = load_config(config_path)
     elif isinstance(client.get("config"), dict):

@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import importlib.util
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -385,6 +386,12 @@ def run_search(cfg: ExperimentConfig, *, resume: bool = False, retry_errored: bo
 
     import ray
 
+    if not is_uri(plan.storage):
+        # Tune snapshots the experiment state (trial statuses, the searcher) at most every 10 s by default;
+        # a driver killed outright (SIGKILL, OOM killer, a node lost) leaves the last snapshot, and
+        # --resume reruns the trials that finished after it.  On local storage a snapshot is cheap: take
+        # one at least every second.  (TUNE_GLOBAL_CHECKPOINT_S set by the user wins.)
+        os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
     started = False
     if not ray.is_initialized():
         if address:
