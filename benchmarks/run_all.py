@@ -46,35 +46,48 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--only", default="", help="comma list of parts to run (default all): ceiling, model, memory, "
+                                                "eval, loader, engine")
     args = ap.parse_args(argv)
+    parts = set(args.only.split(",")) if args.only else {"ceiling", "model", "memory", "eval", "loader", "engine"}
     q = args.quick
     steps = ["--steps", "1", "--rounds", "2"] if q else ["--steps", "3", "--rounds", "3"]
     res: dict = dict(device=args.device, machine=platform.processor() or platform.machine(),
                      cpus=torch.get_num_threads(), torch=torch.__version__,
                      gpu=torch.cuda.get_device_name() if args.device == "cuda" else None, results={})
     r = res["results"]
-    r["ceiling"] = run("bench_ceiling.py", ["--device", args.device])
-    r["model_small"] = run("bench_model.py", ["--preset", "small-cpu", "--device", args.device, *steps,
-                                              "--variants", "attentive,local,nvae,unfused,channels_last"]
-                           + (["--memory"] if args.device == "cpu" else []))
-    if args.device == "cuda":
-        r["model_cifar10"] = run("bench_model.py", ["--preset", "cifar10", "--device", "cuda", "--batch", "32",
-                                                    "--precision", "bf16", "--peak-tflops", "989", *steps,
-                                                    "--variants", "attentive,channels_last,unfused,compile,ckpt"])
-        r["memory_cifar10"] = run("bench_memory.py", ["--preset", "cifar10", "--device", "cuda", "--precision", "bf16"])
-        r["eval_cifar10"] = run("bench_eval.py", ["--preset", "cifar10", "--device", "cuda", "-K", "1000",
-                                                  "--chunks", "250,500,1000", "--images", "4" if q else "16"])
-    else:
-        r["memory_small"] = run("bench_memory.py", ["--preset", "small-cpu", "--budget-gb", "1", "--max-batch", "64"])
-    r["eval_small"] = run("bench_eval.py", ["--preset", "small-cpu", "--device", args.device, "-K", "20",
-                                            "--chunks", "20,80", "--images", "8" if q else "32", "--rounds", "1" if q else "2"])
-    r["loader"] = run("bench_loader.py", ["--images", "2000" if q else "5000", "--epochs", "1" if q else "3"],
-                      want_json=False)
-    if not q:
+    if "ceiling" in parts:
+        r["ceiling"] = run("bench_ceiling.py", ["--device", args.device])
+    if "model" in parts:
+        r["model_small"] = run("bench_model.py", ["--preset", "small-cpu", "--device", args.device, *steps,
+                                                  "--variants", "attentive,local,nvae,unfused,channels_last"]
+                               + (["--memory"] if args.device == "cpu" else []))
+        if args.device == "cuda":
+            r["model_cifar10"] = run("bench_model.py", ["--preset", "cifar10", "--device", "cuda", "--batch", "32",
+                                                        "--precision", "bf16", "--peak-tflops", "989", *steps,
+                                                        "--variants", "attentive,channels_last,unfused,compile,ckpt"])
+    if "memory" in parts:
+        if args.device == "cuda":
+            r["memory_cifar10"] = run("bench_memory.py", ["--preset", "cifar10", "--device", "cuda",
+                                                          "--precision", "bf16"])
+        else:
+            r["memory_small"] = run("bench_memory.py", ["--preset", "small-cpu", "--budget-gb", "0.5" if q else "1",
+                                                        "--max-batch", "32" if q else "64"])
+    if "eval" in parts:
+        r["eval_small"] = run("bench_eval.py", ["--preset", "small-cpu", "--device", args.device, "-K", "20",
+                                                "--chunks", "20,80", "--images", "8" if q else "32",
+                                                "--rounds", "1" if q else "2"])
+        if args.device == "cuda":
+            r["eval_cifar10"] = run("bench_eval.py", ["--preset", "cifar10", "--device", "cuda", "-K", "1000",
+                                                      "--chunks", "250,500,1000", "--images", "4" if q else "16"])
+    if "loader" in parts:
+        r["loader"] = run("bench_loader.py", ["--images", "2000" if q else "5000", "--epochs", "1" if q else "3"],
+                          want_json=False)
+    if "engine" in parts and not q:
         r["engine"] = run("bench_engine.py", [], want_json=False)
 
     print("\n== summary (" + args.device + (f", {res['gpu']}" if res["gpu"] else "") + ")")
-    for prec, rates in r["ceiling"]["gflops"].items():
+    for prec, rates in r.get("ceiling", {}).get("gflops", {}).items():
         print(f"ceiling {prec}: {rates['ceiling']:.1f} GFLOP/s")
     for key in ("model_small", "model_cifar10"):
         if key in r:
