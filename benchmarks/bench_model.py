@@ -48,8 +48,7 @@ VARIANTS = ("attentive", "local", "nvae", "unfused", "channels_last", "compile",
 
 
 def variant_overrides(v: str, preset: list[str], extra: list[str]) -> list[str]:
-    ov = preset + extra + {"local": LOCAL, "nvae": NVAE, "ckpt": ["model.activation_checkpointing=true"]}.get(v, [])
-    return ov
+    return preset + extra + {"local": LOCAL, "nvae": NVAE, "ckpt": ["model.activation_checkpointing=true"]}.get(v, [])
 
 
 def build(config: str, overrides: list[str], device: str, channels_last: bool):
