@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from avi_scale.config import AttentionConfig, ConfigError, ExperimentConfig, ModelConfig, save_config, to_dict
+from avi_scale import plots
 from avi_scale.evaluate import figures as F
 from avi_scale.evaluate.cli import eval_main
 from avi_scale.evaluate.loading import CheckpointError, apply_overrides, load_model
@@ -212,19 +213,19 @@ def test_sample_grids_and_reconstructions(model, x, tmp_path):
     paths = F.sample_grids(model, [1.0, 0.7], 10, tmp_path, seed=3, scale=2)
     assert set(paths) == {1.0, 0.7}
     for p in paths.values():
-        assert_png(p, F.grid_size(10, 28, 28, nrow=4, scale=2))  # 10 samples: 4 per row, 3 rows
+        assert_png(p, plots.grid_size(10, 28, 28, nrow=4, scale=2))  # 10 samples: 4 per row, 3 rows
     again = F.sample_grids(model, [1.0], 10, tmp_path / "again", seed=3, scale=2)
     other = F.sample_grids(model, [1.0], 10, tmp_path / "other", seed=4, scale=2)
     assert again[1.0].read_bytes() == paths[1.0].read_bytes()  # deterministic given the seed
     assert other[1.0].read_bytes() != paths[1.0].read_bytes()
     assert paths[0.7].read_bytes() != paths[1.0].read_bytes()
     rec = F.reconstruction_grid(model, x[:12], tmp_path / "rec.png", nrow=8, scale=1)
-    assert_png(rec, F.grid_size(32, 28, 28, nrow=8))  # 2 rows of 8 (last padded) x original + reconstruction
+    assert_png(rec, plots.grid_size(32, 28, 28, nrow=8))  # 2 rows of 8 (last padded) x original + reconstruction
     with Image.open(rec) as img:
         arr = np.asarray(img)
     first = arr[2:30, 2:30, 0] / 255.0  # top-left cell: the first original, exactly
     assert np.array_equal(first, x[0, 0].numpy())
-    assert F.grid_size(10, 28, 28, nrow=4) == (4 * 30 + 2, 3 * 30 + 2)
+    assert plots.grid_size(10, 28, 28, nrow=4) == (4 * 30 + 2, 3 * 30 + 2)
     with pytest.raises(ValueError, match="temperatures"):
         F.sample_grids(model, [0.0], 4, tmp_path)
 
@@ -421,8 +422,8 @@ def test_avi_eval_report_on_real_shards_and_two_ranks_match_one(trained_run, tmp
             "kl_heatmap.png", "curves.png", "latent_usage.png"} <= names
     for link in links:
         assert (out / link).is_file()
-    assert_png(out / "samples_t1.00.png", F.grid_size(9, 28, 28, nrow=3, scale=2))
-    assert_png(out / "reconstructions.png", F.grid_size(16, 28, 28, nrow=8, scale=2))
+    assert_png(out / "samples_t1.00.png", plots.grid_size(9, 28, 28, nrow=3, scale=2))
+    assert_png(out / "reconstructions.png", plots.grid_size(16, 28, 28, nrow=8, scale=2))
     assert_png(out / "kl_heatmap.png", (900, 400))
     assert "data:image/png;base64," in (out / "report.html").read_text()
     assert "iw_samples: 3" in (out / "config.yaml").read_text()

@@ -38,8 +38,9 @@ from avi_scale.engine.checkpoint import (Checkpointer, OutputDirError, ensure_wr
                                         has_model_states, resolve)
 from avi_scale.engine.deepspeed_config import build_ds_config
 from avi_scale.engine.ema import EMA
-from avi_scale.engine.metrics import (MetricsWriter, count_flops, current_memory_mb, image_grid, model_state_mb,
-                                      peak_memory_mb, peak_tflops, save_png)
+from avi_scale.engine.metrics import (MetricsWriter, count_flops, current_memory_mb, model_state_mb, peak_memory_mb,
+                                      peak_tflops)
+from avi_scale.plots import image_grid, save_png
 from avi_scale.engine.optim import StepGuard, build_optimizer, grad_norm, set_lr
 from avi_scale.engine.schedule import kl_beta, learning_rate
 
@@ -566,14 +567,14 @@ class _Run:
         samples = plain.sample(e.num_samples, temperature=e.temperatures[0] if e.temperatures else 1.0)
         nrow = max(1, int(math.sqrt(e.num_samples)))
         grid = image_grid(samples, nrow)
-        paths["samples"] = str(save_png(grid, out_dir / "samples.png"))
+        paths["samples"] = str(save_png(grid, out_dir / "samples.png", scale=2))
         self.log.image("samples", grid, step)
         if self._recon_batch is not None:
             x = self._recon_batch.to(self.world.device)
             recon = plain.reconstruct(x)
             pairs = torch.stack([x.float(), recon.float()], dim=1).flatten(0, 1)  # original, recon, ...
             grid = image_grid(pairs, 8)
-            paths["reconstructions"] = str(save_png(grid, out_dir / "reconstructions.png"))
+            paths["reconstructions"] = str(save_png(grid, out_dir / "reconstructions.png", scale=2))
             self.log.image("reconstructions", grid, step)
         return paths
 

@@ -149,34 +149,6 @@ def count_flops(model_cfg: Any, batch: int = 2) -> dict[str, float]:
     return {"forward_per_image": float(forward), "train_per_image": 3.0 * forward}
 
 
-# -- images ----------------------------------------------------------------------------------------
-def image_grid(images: torch.Tensor, nrow: int, pad: int = 2) -> np.ndarray:
-    """[N, C, H, W] in [0, 1] -> uint8 array [rows*(H+pad)+pad, nrow*(W+pad)+pad, 3] on a white ground."""
-    x = images.detach().float().clamp(0, 1).cpu().numpy()
-    n, c, h, w = x.shape
-    if c == 1:
-        x = np.repeat(x, 3, axis=1)
-    rows = math.ceil(n / nrow)
-    grid = np.ones((rows * (h + pad) + pad, nrow * (w + pad) + pad, 3), dtype=np.float32)
-    for i in range(n):
-        r, col = divmod(i, nrow)
-        top, left = pad + r * (h + pad), pad + col * (w + pad)
-        grid[top:top + h, left:left + w] = x[i].transpose(1, 2, 0)
-    return (grid * 255.0 + 0.5).astype(np.uint8)
-
-
-def save_png(grid: np.ndarray, path: str | Path, scale: int = 2) -> Path:
-    from PIL import Image
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img = Image.fromarray(grid)
-    if scale > 1:
-        img = img.resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
-    img.save(path)
-    return path
-
-
 # -- the writer (rank 0 only) ------------------------------------------------------------------------
 def _jsonable(v: Any) -> Any:
     if isinstance(v, float) and not math.isfinite(v):

@@ -23,7 +23,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from avi_scale.evaluate.figures import _edges, _pyplot, _save_figure, kl_matrix, read_metrics
+from avi_scale.evaluate.figures import kl_matrix, read_metrics
+from avi_scale.plots import cell_edges, pyplot, save_figure
 
 
 class CompareError(ValueError):
@@ -162,7 +163,7 @@ def markdown(rows: list[dict], groups: dict[str, list[RunSummary]]) -> str:
 
 def kl_heatmaps(groups: dict[str, list[RunSummary]], path: str | Path) -> Path:
     """Each experiment's KL share per layer over training (mean over seeds), panels side by side."""
-    plt = _pyplot()
+    plt = pyplot()
     depths = sorted({rs[0].num_layers for rs in groups.values()})
     cols = max(sum(1 for rs in groups.values() if rs[0].num_layers == d) for d in depths)
     heights = [0.45 * d + 1.6 for d in depths]
@@ -182,7 +183,7 @@ def kl_heatmaps(groups: dict[str, list[RunSummary]], path: str | Path) -> Path:
         kl = np.mean([r.train_kl[:, :n] for r in rs], axis=0)
         total = kl.sum(axis=0, keepdims=True)
         share = np.divide(kl, total, out=np.zeros_like(kl), where=total > 0)
-        mesh = ax.pcolormesh(_edges(steps), np.arange(d + 1) + 0.5, share, cmap="magma", vmin=0.0, vmax=1.0,
+        mesh = ax.pcolormesh(cell_edges(steps), np.arange(d + 1) + 0.5, share, cmap="magma", vmin=0.0, vmax=1.0,
                              shading="flat")
         ax.set_ylim(d + 0.5, 0.5)
         ax.set_yticks(range(1, d + 1))
@@ -193,12 +194,12 @@ def kl_heatmaps(groups: dict[str, list[RunSummary]], path: str | Path) -> Path:
                      f"test KL per layer: {' / '.join(f'{v:.1f}' for v in final)}", fontsize=8)
     if mesh is not None:
         fig.colorbar(mesh, ax=axes, fraction=0.03, pad=0.02, label="KL_l / sum KL (train, mean over seeds)")
-    return _save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 def kl_per_layer_figure(groups: dict[str, list[RunSummary]], path: str | Path) -> Path:
     """Test-set KL per layer, one bar group per experiment, error bars = spread over seeds."""
-    plt = _pyplot()
+    plt = pyplot()
     depths = sorted({rs[0].num_layers for rs in groups.values()})
     fig, axes = plt.subplots(1, len(depths), figsize=(4.5 * len(depths), 3.6), dpi=120, squeeze=False,
                              layout="constrained")
@@ -217,7 +218,7 @@ def kl_per_layer_figure(groups: dict[str, list[RunSummary]], path: str | Path) -
         ax.set_ylabel("test KL (nats / image)")
         ax.set_title(f"{d} layers", fontsize=9)
         ax.legend(fontsize=7)
-    return _save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 def compare(run_dirs: Sequence[str | Path], out: str | Path, nll_file: str = "test/nll.json") -> dict[str, Path]:

@@ -2,10 +2,7 @@
 their originals, the depth-wise attention of a layer, the KL per layer over training (Figure 7 of
 the paper), the KL per layer and active units on the test set, and the training curves.
 
-Image grids are written with PIL, pixel for pixel: ``nrow`` columns of ``H x W`` images, ``pad``
-white pixels between and around them, then enlarged by ``scale`` (nearest neighbour).  Plots use
-matplotlib's Agg backend at a fixed ``figsize * dpi`` (no tight bounding box), so every file has a
-known pixel size.  Layers are numbered from 1 (the top layer, next to the N(0, I) prior), as in
+Grids and figures are drawn by :mod:`avi_scale.plots` (known pixel sizes).  Layers are numbered from 1 (the top layer, next to the N(0, I) prior), as in
 ``metrics.jsonl``.
 """
 
@@ -19,46 +16,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-PLOT_DPI = 100
-
-
-# -- image grids -----------------------------------------------------------------------------------
-def grid_size(n: int, height: int, width: int, nrow: int, pad: int = 2, scale: int = 1) -> tuple[int, int]:
-    """(width, height) in pixels of the PNG that :func:`save_image_grid` writes for ``n`` images."""
-    cols = min(nrow, n)
-    rows = math.ceil(n / nrow)
-    return (cols * (width + pad) + pad) * scale, (rows * (height + pad) + pad) * scale
-
-
-def save_image_grid(images: torch.Tensor, path: str | Path, nrow: int, pad: int = 2, scale: int = 1) -> Path:
-    """Write ``images`` [N, C, H, W] (C = 1 or 3, values in [0, 1]) as one PNG grid; returns the path."""
-    from PIL import Image
-
-    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] not in (1, 3):
-        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-        raise ValueError(f"expected images [N, 1 or 3, H, W], got {shape}")
-    if images.shape[0] == 0:
-        raise ValueError("no images to draw")
-    if nrow < 1 or pad < 0 or scale < 1:
-        raise ValueError(f"nrow and scale must be >= 1 and pad >= 0 (got nrow={nrow}, pad={pad}, scale={scale})")
-    x = images.detach().float().cpu().clamp(0.0, 1.0).numpy()
-    if x.shape[1] == 1:
-        x = np.repeat(x, 3, axis=1)
-    n, _, h, w = x.shape
-    cols, rows = min(nrow, n), math.ceil(n / nrow)
-    canvas = np.ones((rows * (h + pad) + pad, cols * (w + pad) + pad, 3), dtype=np.float32)
-    for i in range(n):
-        r, c = divmod(i, nrow)
-        top, left = pad + r * (h + pad), pad + c * (w + pad)
-        canvas[top:top + h, left:left + w] = x[i].transpose(1, 2, 0)
-    img = Image.fromarray((canvas * 255.0 + 0.5).astype(np.uint8), mode="RGB")
-    if scale > 1:
-        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path, format="PNG")
-    return path
-
+from avi_scale.plots import PLOT_DPI, cell_edges, pyplot, save_figure, save_image_grid
 
 def sample_grids(model, temperatures: Sequence[float], num_samples: int, out_dir: str | Path, seed: int = 0,
                  scale: int = 2, prefix: str = "samples") -> dict[float, Path]:
@@ -168,7 +126,7 @@ def attention_figure(summary: dict[str, np.ndarray], layer: int, path: str | Pat
                      figsize: tuple[float, float] = (12.0, 4.0)) -> Path:
     """Heat maps of the averaged attention (rows: querying layer, columns: layer read) for the prior
     and the posterior, and bar charts of what ``layer`` (0-based; -1 = last) reads."""
-    plt = _pyplot()
+    plt = pyplot()
     sides = [s for s in ("prior", "posterior") if s in summary]
     if not sides:
         raise ValueError("the model has no depth-wise attention (model.prior_attention and "
@@ -205,26 +163,7 @@ def attention_figure(summary: dict[str, np.ndarray], layer: int, path: str | Pat
         ax_bar.set_title(f"layer {layer + 1}: {side} weights", fontsize=9)
         ax_bar.set_xlabel("layer read")
     fig.subplots_adjust(left=0.05, right=0.98, bottom=0.15, top=0.88, wspace=0.45)
-    return _save_figure(fig, path)
-
-
-def _pyplot():
-    """matplotlib.pyplot on the non-interactive Agg backend (no display needed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save_figure(fig, path: str | Path) -> Path:
-    plt = _pyplot()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png", dpi=PLOT_DPI)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 # -- metrics of a run ----------------------------------------------------------------------------------
@@ -282,13 +221,13 @@ def kl_heatmap(records: Sequence[dict], path: str | Path, kind: str = "train", k
 
     Colour is the layer's share of the total KL at that step (how evenly the layers are used); the
     right panel shows the absolute KL of each layer at the last step."""
-    plt = _pyplot()
+    plt = pyplot()
     steps, kl = kl_matrix(records, kind, key)
     L, T = kl.shape
     total = kl.sum(axis=0, keepdims=True)
     share = np.divide(kl, total, out=np.zeros_like(kl), where=total > 0)
     fig, (ax, ax_last) = plt.subplots(1, 2, figsize=figsize, dpi=PLOT_DPI, gridspec_kw={"width_ratios": [4, 1]})
-    edges_x = _edges(steps.astype(np.float64))
+    edges_x = cell_edges(steps.astype(np.float64))
     edges_y = np.arange(L + 1) + 0.5
     mesh = ax.pcolormesh(edges_x, edges_y, share, cmap="magma", vmin=0.0, vmax=max(share.max(), 1e-12),
                          shading="flat")
@@ -310,21 +249,13 @@ def kl_heatmap(records: Sequence[dict], path: str | Path, kind: str = "train", k
         title += f"\n{int((last > active_layer_kl).sum())}/{L} layers > {active_layer_kl:g}"
     ax_last.set_title(title, fontsize=9)
     fig.subplots_adjust(left=0.08, right=0.97, bottom=0.14, top=0.86, wspace=0.35)
-    return _save_figure(fig, path)
-
-
-def _edges(x: np.ndarray) -> np.ndarray:
-    """Cell edges around the centres ``x`` (for pcolormesh with uneven step spacing)."""
-    if x.size == 1:
-        return np.array([x[0] - 0.5, x[0] + 0.5])
-    mid = (x[1:] + x[:-1]) / 2
-    return np.concatenate([[x[0] - (mid[0] - x[0])], mid, [x[-1] + (x[-1] - mid[-1])]])
+    return save_figure(fig, path)
 
 
 def curves_figure(records: Sequence[dict], path: str | Path, figsize: tuple[float, float] = (10.0, 4.0)) -> Path:
     """Training curves: negative ELBO (train, and validation when logged) and the KL / reconstruction
     split with the KL weight beta."""
-    plt = _pyplot()
+    plt = pyplot()
     train = [r for r in records if r.get("kind") == "train" and "neg_elbo" in r]
     val = [r for r in records if r.get("kind") == "eval" and "val_neg_elbo" in r]
     if not train and not val:
@@ -352,14 +283,14 @@ def curves_figure(records: Sequence[dict], path: str | Path, figsize: tuple[floa
     ax2.set_xlabel("step")
     ax2.set_title("training: KL and reconstruction", fontsize=9)
     fig.subplots_adjust(left=0.07, right=0.93, bottom=0.14, top=0.9, wspace=0.3)
-    return _save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 def latent_usage_figure(kl_per_layer: Sequence[float], active_units: Sequence[int], units_per_layer: int,
                         path: str | Path, active_layer_kl: Optional[float] = None,
                         figsize: tuple[float, float] = (9.0, 3.5)) -> Path:
     """Test-set KL per layer and the fraction of active units per layer, side by side."""
-    plt = _pyplot()
+    plt = pyplot()
     L = len(kl_per_layer)
     if L == 0 or len(active_units) != L:
         raise ValueError(f"need one KL and one active-unit count per layer, got {L} and {len(active_units)}")
@@ -380,4 +311,4 @@ def latent_usage_figure(kl_per_layer: Sequence[float], active_units: Sequence[in
     ax2.set_ylabel("fraction of active units")
     ax2.set_title(f"active units ({int(sum(active_units))} of {units_per_layer * L})", fontsize=9)
     fig.subplots_adjust(left=0.08, right=0.97, bottom=0.16, top=0.88, wspace=0.3)
-    return _save_figure(fig, path)
+    return save_figure(fig, path)

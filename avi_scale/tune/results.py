@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from avi_scale.config import ConfigError, ExperimentConfig, TuneConfig, save_config
+from avi_scale.plots import PLOT_DPI, pyplot, save_figure
 from avi_scale.tune.space import apply_overrides, overrides_for
 
 FINISHED, STOPPED, ERROR, UNFINISHED = "finished", "stopped early", "error", "unfinished"
@@ -148,13 +149,9 @@ def depth_table(rows: list[TrialRow], plan: Any) -> dict[bool, dict[int, float]]
 
 
 def _depth_plot(table: dict[bool, dict[int, float]], plan: Any, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     metric = plan.cfg.tune.metric
-    fig, ax = plt.subplots(figsize=(5.5, 4.0))
+    fig, ax = plt.subplots(figsize=(6.6, 4.8), dpi=PLOT_DPI)
     styles = {True: ("attentive (depth-wise attention)", "tab:red", "o"), False: ("local (no attention)", "tab:blue", "s")}
     layers_all: set[int] = set()
     for attentive in (True, False):
@@ -173,9 +170,7 @@ def _depth_plot(table: dict[bool, dict[int, float]], plan: Any, path: Path) -> P
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _markdown(rows: list[TrialRow], plan: Any, table: Optional[dict[bool, dict[int, float]]]) -> str:
