@@ -30,6 +30,18 @@ from .layers import ChannelLayerNorm, ConcatMerge, ParamHead, ResidualCell, SumM
 LN_EPS = 1e-5
 
 
+def image_dims(cfg: ModelConfig) -> int:
+    """Dimensions of one image in the data (channels x size x size; the padding is not counted)."""
+    return cfg.image_channels * cfg.image_size * cfg.image_size
+
+
+def nats_to_bpd(nats, num_dims: int):
+    """Nats per image -> bits per dimension, ``nats / (num_dims * ln 2)`` (floats or tensors): the one formula."""
+    if num_dims < 1:
+        raise ValueError(f"num_dims must be >= 1, got {num_dims}")
+    return nats / (num_dims * math.log(2.0))
+
+
 class VAEOutput(NamedTuple):
     """A named tuple (not a dataclass) so wrappers such as DeepSpeed ZeRO-3, which look for
     tensors inside tuples, see every output tensor."""
@@ -236,10 +248,10 @@ class AttentiveVAE(nn.Module):
     # -- helpers ----------------------------------------------------------------------------
     @property
     def num_dims(self) -> int:
-        return self.cfg.image_channels * self.cfg.image_size * self.cfg.image_size
+        return image_dims(self.cfg)
 
     def bits_per_dim(self, nats: torch.Tensor) -> torch.Tensor:
-        return nats / (self.num_dims * math.log(2.0))
+        return nats_to_bpd(nats, self.num_dims)
 
     def _pad(self, x: torch.Tensor) -> torch.Tensor:
         return F.pad(x, [self.pad] * 4) if self.pad else x
