@@ -130,7 +130,7 @@ def _dry_run(cfg, world: int) -> int:
     """What the run would be, without starting it.  Raises on unreadable data or a shape mismatch."""
     from avi_scale.engine.deepspeed_config import build_ds_config
     from avi_scale.engine.metrics import count_flops
-    from avi_scale.model import AttentiveVAE
+    from avi_scale.model import AttentiveVAE, count_parameters
 
     m = cfg.model
     lines = [f"config: {cfg.name} (valid)"] + _check_data(cfg, world)
@@ -140,7 +140,7 @@ def _dry_run(cfg, world: int) -> int:
     lines.append(f"output: {cfg.train.output_dir} (writable; checkpoints in "
                  f"{cfg.train.checkpoint_dir or cfg.train.output_dir + '/checkpoints'})")
     model = AttentiveVAE(m)
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = count_parameters(model)
     flops = count_flops(m)
     lines.append(f"model: {n_params / 1e6:.3f}M parameters, {m.num_layers} latent layers, "
                  f"activation checkpointing {'on' if m.activation_checkpointing else 'off'}")

@@ -41,3 +41,51 @@ def test_saved_config_round_trips(tmp_path):
     assert again == cfg
     assert from_dict(to_dict(cfg)) == cfg
     assert "num_layers: 16" in to_yaml(cfg)
+
+
+def test_base_chain_inherits_and_is_checked(tmp_path):
+    parent = tmp_path / "parent.yaml"
+    parent.write_text("name: parent\nmodel:\n  num_layers: 3\n  num_filters: 8\noptim:\n  lr: 0.005\n")
+    (tmp_path / "sub").mkdir()
+    child = tmp_path / "sub" / "child.yaml"
+    child.write_text("base: ../parent.yaml\nname: child\nmodel:\n  num_layers: 5\n")
+    cfg = load_config(child, ["optim.lr=0.001"])
+    assert (cfg.name, cfg.model.num_layers, cfg.model.num_filters, cfg.optim.lr) == ("child", 5, 8, 0.001)
+    loop = tmp_path / "loop.yaml"
+    loop.write_text(f"base: {loop}\n")
+    with pytest.raises(ConfigError, match="comes back to this file"):
+        load_config(loop)
+    orphan = tmp_path / "orphan.yaml"
+    orphan.write_text("base: missing.yaml\n")
+    with pytest.raises(ConfigError, match="base config 'missing.yaml' not found"):
+        load_config(orphan)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"base: {parent}\nmodel:\n  num_layerz: 2\n")
+    with pytest.raises(ConfigError, match="allowed keys of model"):
+        load_config(bad)
+
+
+def test_one_override_applier_for_dotlists_and_mappings():
+    from avi_scale.config import apply_overrides
+
+    cfg = load_config(REPO / "configs" / "tiny_mnist5k.yaml")
+    assert apply_overrides(cfg, ["optim.lr=0.5"]).optim.lr == 0.5
+    assert apply_overrides(to_dict(cfg), {"optim.lr": 0.25, "model.num_layers": 2}).model.num_layers == 2
+    with pytest.raises(ConfigError, match="model.num_layers: must be >= 1"):
+        apply_overrides(cfg, {"model.num_layers": 0})
+    with pytest.raises(ConfigError, match=r"override 'model.num_layers=2': frozen here; model\.\* cannot"):
+        apply_overrides(cfg, ["model.num_layers=2"], fixed={"model": "frozen here"})
+
+
+def test_each_section_checks_its_own_keys_and_retired_keys_are_dropped():
+    from avi_scale.config import EvalConfig, TrainConfig
+
+    with pytest.raises(ConfigError, match="train.steps: must be >= 1"):
+        TrainConfig(steps=0).check()
+    with pytest.raises(ConfigError, match=r"eval.attention_layer: must be in \[-2, 1\]"):
+        EvalConfig(attention_layer=2).check(num_layers=2)
+    saved = to_dict(load_config(None))
+    saved["deepspeed"]["fp16_initial_scale_power"] = 16  # written by earlier versions, read by nothing
+    assert from_dict(saved) == load_config(None)
+    with pytest.raises(ConfigError, match="fp16_initial_scale_power"):
+        load_config(None, ["deepspeed.fp16_initial_scale_power=16"])

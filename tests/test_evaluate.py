@@ -20,7 +20,8 @@ from avi_scale.config import AttentionConfig, ConfigError, ExperimentConfig, Mod
 from avi_scale import plots
 from avi_scale.evaluate import figures as F
 from avi_scale.evaluate.cli import eval_main
-from avi_scale.evaluate.loading import CheckpointError, apply_overrides, load_model
+from avi_scale.config import apply_overrides
+from avi_scale.evaluate.loading import FIXED_BY_CHECKPOINT, CheckpointError, load_model
 from avi_scale.evaluate.nll import PosteriorCapture, check_images, evaluate_nll, image_seed, nats_to_bpd
 from avi_scale.evaluate.report import PNG_SIGNATURE, build_report
 from avi_scale.model import AttentiveVAE
@@ -351,8 +352,8 @@ def test_loading_exports_state_dicts_and_errors(tmp_path):
     with pytest.raises(CheckpointError, match="no complete DeepSpeed checkpoint"):
         load_model(tmp_path / "empty")
     with pytest.raises(ConfigError, match="model is fixed"):
-        apply_overrides(cfg, ["model.num_layers=5"])
-    assert apply_overrides(cfg, ["eval.iw_samples=7"]).eval.iw_samples == 7
+        apply_overrides(cfg, ["model.num_layers=5"], fixed=FIXED_BY_CHECKPOINT)
+    assert apply_overrides(cfg, ["eval.iw_samples=7"], fixed=FIXED_BY_CHECKPOINT).eval.iw_samples == 7
 
 
 # -- end to end: real shards, a real training run, the CLI, 2 ranks -------------------------------------------

@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 
 from avi_scale.config import ConfigError, load_config
-from avi_scale.tune.search import load_search, plan_search
+from avi_scale.tune.search import plan_search
 
 from conftest import REPO
 
@@ -75,7 +75,7 @@ def ray_local():
 
 
 def _search(shards: Path, store: Path, *overrides: str, path: Path = SEARCH):
-    return load_search(path, [f"data.train_urls={shards}", f"tune.storage={store}", *overrides])
+    return load_config(path, [f"data.train_urls={shards}", f"tune.storage={store}", *overrides])
 
 
 def _csv_rows(path: Path) -> list[dict]:
@@ -108,7 +108,8 @@ def test_help_is_instant_and_imports_nothing_heavy():
 def test_search_space_maps_onto_ray_domains(shards):
     from ray.tune.search.sample import Categorical, Float, Integer, LogUniform
 
-    from avi_scale.tune.space import apply_overrides, overrides_for, param_space, parse_space
+    from avi_scale.config import apply_overrides
+    from avi_scale.tune.space import overrides_for, param_space, parse_space
 
     space = {
         "model.num_layers": [1, 2],
@@ -155,7 +156,7 @@ def test_search_files_resolve(shards, tmp_path):
     assert [d.name for d in plan.dims] == ["optim.lr", "model.num_layers"]
     assert plan.experiment_path == str(tmp_path / "store" / "tiny_mnist5k_depth_lr")
     assert plan.run_root == str(tmp_path / "store" / "tiny_mnist5k_depth_lr" / "runs")
-    study = plan_search(load_search(STUDY, [f"data.train_urls={shards}"]))  # the paper's Table 1 grid
+    study = plan_search(load_config(STUDY, [f"data.train_urls={shards}"]))  # the paper's Table 1 grid
     assert study.num_trials() == 10 and study.cfg.tune.workers_per_trial == 4
     assert study.cfg.model.num_filters == 128  # from its base, cifar10_attentive.yaml
     attention = study.dims[1]
@@ -460,9 +461,10 @@ def test_depth_table_and_plot_compare_attentive_and_local(shards, tmp_path):
     """The depth summary of the paper-style study: best finished trial per (layers, attention) cell."""
     from avi_scale.config import to_dict
     from avi_scale.tune.results import FINISHED, STOPPED, TrialRow, depth_table, write_results
-    from avi_scale.tune.space import apply_overrides, overrides_for
+    from avi_scale.config import apply_overrides
+    from avi_scale.tune.space import overrides_for
 
-    plan = plan_search(load_search(STUDY, [f"data.train_urls={shards}", f"tune.results_dir={tmp_path}"]))
+    plan = plan_search(load_config(STUDY, [f"data.train_urls={shards}", f"tune.results_dir={tmp_path}"]))
     base = to_dict(plan.cfg)
     attn = plan.dims[1].name
     rows = []

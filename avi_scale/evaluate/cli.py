@@ -258,14 +258,13 @@ def _make_figures(loaded, cfg, out: Path, run_dir: Optional[Path], nll=None, nee
 
 
 def _main(args: argparse.Namespace) -> int:
-    from avi_scale.config import save_config, to_yaml
-    from avi_scale.evaluate.loading import apply_overrides, check_eval_config, load_model
+    from avi_scale.config import apply_overrides, save_config, to_yaml
+    from avi_scale.evaluate.loading import FIXED_BY_CHECKPOINT, load_model
 
     loaded = load_model(args.checkpoint, use_ema=True, config_path=args.config)
-    cfg = apply_overrides(loaded.cfg, list(args.overrides) + _flag_overrides(args))
+    cfg = apply_overrides(loaded.cfg, list(args.overrides) + _flag_overrides(args), fixed=FIXED_BY_CHECKPOINT)
     if args.data is not None:  # the shards of the (final) evaluation split
         cfg = apply_overrides(cfg, [f"data.{cfg.eval.split}_urls={args.data}"])
-    check_eval_config(cfg)
     if not cfg.eval.use_ema and loaded.weights == "ema":
         loaded = load_model(args.checkpoint, use_ema=False, config_path=args.config)
     ctx = _Context(cfg.train.device)

@@ -192,39 +192,5 @@ def load_model(path: str | Path, use_ema: bool = True, config_path: str | Path |
     return _from_deepspeed(tag, use_ema, config_path)
 
 
-def apply_overrides(cfg: ExperimentConfig, overrides: Sequence[str]) -> ExperimentConfig:
-    """``cfg`` with dotlist overrides (``eval.iw_samples=1000``, ``data.test_urls=...``).  The model
-    is fixed by the checkpoint: ``model.*`` overrides are refused."""
-    from omegaconf import OmegaConf
-
-    if not overrides:
-        return cfg
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not of the form key=value")
-        if item.split("=", 1)[0].strip().startswith("model."):
-            raise ConfigError(f"override {item!r}: the model is fixed by the checkpoint; model.* cannot be changed")
-    merged = OmegaConf.merge(OmegaConf.create(to_dict(cfg)), OmegaConf.from_dotlist(list(overrides)))
-    return from_dict(OmegaConf.to_container(merged))  # type: ignore[arg-type]
-
-
-def check_eval_config(cfg: ExperimentConfig) -> None:
-    """Reject impossible ``eval.*`` values, naming the key."""
-    e = cfg.eval
-
-    def need(cond: bool, key: str, msg: str) -> None:
-        if not cond:
-            raise ConfigError(f"eval.{key}: {msg}")
-
-    need(e.split in ("val", "test"), "split", f"{e.split!r} is not 'val' or 'test'")
-    need(e.iw_samples >= 1, "iw_samples", "must be >= 1")
-    need(e.iw_chunk >= 1, "iw_chunk", "must be >= 1")
-    need(e.batch_size >= 1, "batch_size", "must be >= 1")
-    need(e.num_samples >= 1, "num_samples", "must be >= 1")
-    need(e.num_reconstructions >= 1, "num_reconstructions", "must be >= 1")
-    need(len(e.temperatures) >= 1 and all(t > 0 for t in e.temperatures), "temperatures",
-         "must be a non-empty list of positive numbers")
-    need(e.active_unit_threshold >= 0, "active_unit_threshold", "must be >= 0")
-    need(e.active_layer_kl >= 0, "active_layer_kl", "must be >= 0")
-    L = cfg.model.num_layers
-    need(-L <= e.attention_layer < L, "attention_layer", f"must be in [-{L}, {L - 1}] for {L} layers")
+# what an evaluation may not change in a checkpoint's config (config.apply_overrides(..., fixed=...))
+FIXED_BY_CHECKPOINT = {"model": "the model is fixed by the checkpoint"}

@@ -66,11 +66,11 @@ def _describe(plan) -> str:
 def tune_main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_intermixed_args(argv)
 
-    from avi_scale.config import ConfigError, to_yaml
-    from avi_scale.tune.search import load_search, plan_search
+    from avi_scale.config import ConfigError, load_config, to_yaml
+    from avi_scale.tune.search import plan_search
 
     try:
-        cfg = load_search(args.search, args.overrides)
+        cfg = load_config(args.search, args.overrides, kind="search")
         plan = plan_search(cfg)
     except ConfigError as exc:
         print(f"avi-tune: {exc}", file=sys.stderr)

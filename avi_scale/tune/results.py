@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from avi_scale.config import ConfigError, ExperimentConfig, TuneConfig, save_config
+from avi_scale.config import ConfigError, ExperimentConfig, TuneConfig, apply_overrides, save_config
 from avi_scale.plots import PLOT_DPI, pyplot, save_figure
-from avi_scale.tune.space import apply_overrides, overrides_for
+from avi_scale.tune.space import overrides_for
 
 FINISHED, STOPPED, ERROR, UNFINISHED = "finished", "stopped early", "error", "unfinished"
 

@@ -1,7 +1,7 @@
 """A Ray Tune search over the one config schema: load, check, run or resume, and write the results.
 
-A search YAML is an experiment config (optionally on top of a ``base:`` config file, relative to the
-search file) whose ``tune:`` section says what to search and how; see docs/tune.md.  The search keeps
+A search YAML is an experiment config (loaded by :func:`avi_scale.config.load_config`, usually on top
+of a ``base:`` config file) whose ``tune:`` section says what to search and how; see docs/tune.md.  The search keeps
 its resolved config in ``<storage>/<name>/avi_search.yaml``: ``--resume`` continues exactly that search
 (Ray's saved trial parameters refer to it), whatever the YAML says now.
 """
@@ -13,24 +13,17 @@ import dataclasses
 import importlib.util
 import math
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 from avi_scale.config import ConfigError, ExperimentConfig, from_dict, to_dict, to_yaml
 from avi_scale.tune.space import PBT_MUTABLE_KEYS, Dimension, check_space, param_space, parse_space
 
 TIME_ATTR = "step"  # schedulers count training steps (reported with every evaluation)
 STATE_FILE = "avi_search.yaml"
-# what the engine reports at each evaluation that a search can optimise
-KNOWN_METRICS = ("val_nll", "val_bpd", "val_neg_elbo", "val_recon_nll", "val_kl",
-                 "loss", "neg_elbo", "bpd", "recon_nll", "kl")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 
 def is_uri(path: str) -> bool:
@@ -39,71 +32,6 @@ def is_uri(path: str) -> bool:
 
 def _absolute(path: str) -> str:
     return path if is_uri(path) else str(Path(path).expanduser().resolve())
-
-
-# -- loading ---------------------------------------------------------------------------------------------
-def _layers(path: Path, chain: tuple[Path, ...] = ()) -> list[DictConfig]:
-    """The YAML layers of a search file: its ``base:`` chain first (each relative to its own file)."""
-    resolved = path.resolve()
-    if resolved in chain:
-        raise ConfigError(f"{path}: the base: chain comes back to this file ({' -> '.join(map(str, chain))})")
-    raw = OmegaConf.load(path)
-    if not isinstance(raw, DictConfig):
-        raise ConfigError(f"{path}: a search file is a mapping (base:, config sections, tune:), "
-                          f"got a {type(raw).__name__}")
-    base = raw.pop("base", None)
-    layers: list[DictConfig] = []
-    if base is not None:
-        if not isinstance(base, str) or not base:
-            raise ConfigError(f"{path}: base must be the path of an experiment or search config, got {base!r}")
-        base_path = Path(base).expanduser()
-        if not base_path.is_absolute():
-            base_path = path.parent / base_path
-        if not base_path.is_file():
-            raise ConfigError(f"{path}: base config {base!r} not found (looked at {base_path})")
-        layers = _layers(base_path, chain + (resolved,))
-    return layers + [raw]
-
-
-def _search_space_of(layer: DictConfig) -> bool:
-    tune = layer.get("tune")
-    return isinstance(tune, DictConfig) and "search_space" in tune
-
-
-def load_search(path: str | Path, overrides: Sequence[str] = ()) -> ExperimentConfig:
-    """Search YAML (+ its ``base:`` chain) + dotlist overrides -> a validated config with a tune section.
-
-    Config sections merge key by key down the chain, except ``tune.search_space``: a file that has one
-    replaces its base's (a search is what its file says).  ``tune.search_space={...}`` on the command
-    line replaces the whole space; ``tune.search_space.<key>=...`` adds or replaces one entry.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"search file not found: {path}")
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not of the form key=value")
-    try:
-        merged = OmegaConf.create({})
-        for layer in _layers(path):
-            if _search_space_of(layer) and _search_space_of(merged):
-                del merged.tune["search_space"]
-            merged = OmegaConf.merge(merged, layer)
-        for item in overrides:
-            key = item.split("=", 1)[0].strip()
-            if key == "tune.search_space" and _search_space_of(merged):
-                del merged.tune["search_space"]  # the whole space given on the command line replaces the file's
-            elif key.startswith("tune.search_space.") and _search_space_of(merged):
-                entry = key[len("tune.search_space."):]
-                if entry in merged.tune.search_space:  # a flat 'optim.lr' entry; the override comes nested
-                    del merged.tune.search_space[entry]
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
-        plain = OmegaConf.to_container(merged)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    except OmegaConfBaseException as exc:
-        raise ConfigError(f"{path}: {str(exc).splitlines()[0]}") from None
-    return from_dict(plain)  # type: ignore[arg-type]
 
 
 # -- planning --------------------------------------------------------------------------------------------
@@ -156,8 +84,6 @@ def plan_search(cfg: ExperimentConfig) -> SearchPlan:
     if t.stop_after and t.stop_after % t.eval_every:
         raise ConfigError(f"train.stop_after: {t.stop_after} is not a multiple of train.eval_every ({t.eval_every}); "
                           "in a search the last step must be an evaluation, so that Tune sees the end")
-    if tu.metric not in KNOWN_METRICS:
-        raise ConfigError(f"tune.metric: {tu.metric!r} is not reported by the engine; use one of {list(KNOWN_METRICS)}")
     if tu.metric.startswith("val_"):
         from avi_scale.data import split_urls
 
@@ -188,8 +114,9 @@ def plan_search(cfg: ExperimentConfig) -> SearchPlan:
         if not dims:
             raise ConfigError(f"tune.search_alg={tu.search_alg} needs a non-empty tune.search_space")
     name = tu.name or cfg.name
-    if not _NAME.match(name):
-        raise ConfigError(f"tune.name: {name!r} must be letters, digits, '_', '-' or '.' (it names a directory)")
+    if not tu.name:  # the config's name names the experiment's directory: the rule of tune.name applies to it
+        tu.name = name
+        tu.check()
     storage = _absolute(tu.storage)
     experiment_path = f"{storage.rstrip('/')}/{name}" if is_uri(storage) else str(Path(storage) / name)
     if tu.trial_output_root:

@@ -30,7 +30,7 @@ from typing import Any, Optional, Sequence
 
 from omegaconf import OmegaConf
 
-from avi_scale.config import ConfigError, ExperimentConfig, from_dict
+from avi_scale.config import ConfigError, ExperimentConfig, apply_overrides
 
 # keys Tune itself sets for every trial: searching them would fight the trial set-up
 RESERVED_KEYS = ("train.output_dir", "train.checkpoint_dir", "train.resume")
@@ -254,14 +254,6 @@ def overrides_for(dims: Sequence[Dimension], params: dict) -> dict[str, Any]:
         for key in d.keys:
             out[key] = _plain(params[d.name])
     return out
-
-
-def apply_overrides(base: dict, overrides: dict[str, Any]) -> ExperimentConfig:
-    """base config dict + {dotted key: value} -> a validated config (ConfigError naming the key)."""
-    conf = OmegaConf.create(base)
-    for key, value in overrides.items():
-        OmegaConf.update(conf, key, value, merge=False)
-    return from_dict(OmegaConf.to_container(conf))  # type: ignore[arg-type]
 
 
 def check_space(dims: Sequence[Dimension], base: dict) -> None:

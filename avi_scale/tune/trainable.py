@@ -30,8 +30,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from avi_scale.config import ExperimentConfig, from_dict, to_dict
-from avi_scale.tune.space import apply_overrides
+from avi_scale.config import ExperimentConfig, apply_overrides, from_dict, to_dict
 
 EVENTS = "tune_events.log"  # in each trial's run directory: one line per start, restore and end
 MARKER = "tune_trial.json"  # written into each reported checkpoint: which trial reported it, at which step
