@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional
 
 import yaml
 
-from avi_scale.config import ConfigError, ExperimentConfig, from_dict, to_dict, to_yaml
+from avi_scale.config import ConfigError, ExperimentConfig, TuneConfig, from_dict, to_dict, to_yaml
 from avi_scale.tune.space import PBT_MUTABLE_KEYS, Dimension, check_space, param_space, parse_space
 
 TIME_ATTR = "step"  # schedulers count training steps (reported with every evaluation)
@@ -68,9 +68,8 @@ def _require_package(alg: str, package: str) -> None:
                           f"(pip install {package}); or use tune.search_alg=random")
 
 
-def plan_search(cfg: ExperimentConfig) -> SearchPlan:
-    """Check a search before anything starts; ConfigError naming the key on every problem."""
-    cfg = copy.deepcopy(cfg)
+def _check_training(cfg: ExperimentConfig) -> None:
+    """What a search needs of the run each trial is: data at absolute paths, evaluations Tune can see."""
     t, tu, d = cfg.train, cfg.tune, cfg.data
     for key in ("train_urls", "val_urls", "test_urls"):  # trials run in other working directories
         value = getattr(d, key)
@@ -91,11 +90,10 @@ def plan_search(cfg: ExperimentConfig) -> SearchPlan:
             split_urls(d, "val")
         except ValueError as exc:
             raise ConfigError(f"tune.metric={tu.metric} needs a validation split: {exc}") from None
-    dims = parse_space(tu.search_space)
-    check_space(dims, to_dict(cfg))
-    end = t.stop_after or t.steps
-    grace = tu.grace_period or t.eval_every
-    interval = tu.perturbation_interval or t.eval_every
+
+
+def _check_schedule(tu: TuneConfig, dims: list[Dimension], end: int, grace: int, interval: int) -> None:
+    """The scheduler and search algorithm can act on this space within ``end`` training steps."""
     if tu.scheduler == "asha" and grace > end:
         raise ConfigError(f"tune.grace_period: {grace} steps is beyond the end of training (step {end})")
     if tu.scheduler == "pbt":
@@ -113,10 +111,10 @@ def plan_search(cfg: ExperimentConfig) -> SearchPlan:
                               f"supported (entries {grids}); use lists (choice) instead")
         if not dims:
             raise ConfigError(f"tune.search_alg={tu.search_alg} needs a non-empty tune.search_space")
-    name = tu.name or cfg.name
-    if not tu.name:  # the config's name names the experiment's directory: the rule of tune.name applies to it
-        tu.name = name
-        tu.check()
+
+
+def _locations(tu: TuneConfig, name: str) -> tuple[str, str, Optional[str], Path]:
+    """(storage, experiment path, trials' run root or None, results directory), all absolute."""
     storage = _absolute(tu.storage)
     experiment_path = f"{storage.rstrip('/')}/{name}" if is_uri(storage) else str(Path(storage) / name)
     if tu.trial_output_root:
@@ -138,7 +136,28 @@ def plan_search(cfg: ExperimentConfig) -> SearchPlan:
         results_dir = Path(experiment_path)
     else:
         results_dir = Path(_absolute(f"runs/tune-results/{name}"))
-    tu.name, tu.storage, tu.trial_output_root, tu.results_dir = name, storage, run_root or "", str(results_dir)
+    return storage, experiment_path, run_root, results_dir
+
+
+def plan_search(cfg: ExperimentConfig) -> SearchPlan:
+    """Check a search before anything starts; ConfigError naming the key on every problem.
+
+    The config's own checks ran when it was loaded; these are the ones that only a search needs."""
+    cfg = copy.deepcopy(cfg)
+    t, tu = cfg.train, cfg.tune
+    _check_training(cfg)
+    dims = parse_space(tu.search_space)
+    check_space(dims, to_dict(cfg))
+    end = t.stop_after or t.steps
+    grace = tu.grace_period or t.eval_every
+    interval = tu.perturbation_interval or t.eval_every
+    _check_schedule(tu, dims, end, grace, interval)
+    name = tu.name or cfg.name
+    if not tu.name:  # the config's name names the experiment's directory: the rule of tune.name applies to it
+        tu.name = name
+        tu.check()
+    storage, experiment_path, run_root, results_dir = _locations(tu, name)
+    tu.storage, tu.trial_output_root, tu.results_dir = storage, run_root or "", str(results_dir)
     return SearchPlan(cfg=cfg, dims=dims, name=name, storage=storage, experiment_path=experiment_path,
                       run_root=run_root, results_dir=results_dir, end_step=end, grace_period=grace,
                       perturbation_interval=interval)
@@ -278,6 +297,31 @@ def config_differences(a: ExperimentConfig, b: ExperimentConfig) -> list[str]:
     return out
 
 
+def _resumable_plan(plan: SearchPlan, resume: bool, retry_errored: bool, restart_errored: bool,
+                    log: Callable[[str], None]) -> SearchPlan:
+    """The plan to run: the saved one when resuming (whatever the YAML says now), else ``plan`` if no
+    search of that name exists yet."""
+    if (retry_errored or restart_errored) and not resume:
+        raise ConfigError("--retry-errored/--restart-errored continue an existing search: add --resume")
+    if retry_errored and restart_errored:
+        raise ConfigError("choose one of --retry-errored (from the last checkpoint) and --restart-errored (from scratch)")
+    from ray import tune
+
+    saved_text = read_text(f"{plan.experiment_path}/{STATE_FILE}")
+    if resume:
+        if saved_text is None or not tune.Tuner.can_restore(plan.experiment_path):
+            raise ConfigError(f"--resume: no avi-tune search to resume at {plan.experiment_path}")
+        saved = plan_search(from_dict(yaml.safe_load(saved_text)))
+        changed = config_differences(saved.cfg, plan.cfg)
+        if changed:
+            log(f"avi-tune: resuming the search as it was started; ignoring changes to {', '.join(changed)}")
+        return saved
+    if saved_text is not None or tune.Tuner.can_restore(plan.experiment_path):
+        raise ConfigError(f"a search named {plan.name!r} already exists at {plan.experiment_path}: continue it "
+                          "with --resume, or choose another tune.name")
+    return plan
+
+
 def run_search(cfg: ExperimentConfig, *, resume: bool = False, retry_errored: bool = False,
                restart_errored: bool = False, address: Optional[str] = None, num_cpus: Optional[int] = None,
                num_gpus: Optional[int] = None, ray_temp_dir: Optional[str] = None, verbose: int = 1,
@@ -289,29 +333,10 @@ def run_search(cfg: ExperimentConfig, *, resume: bool = False, retry_errored: bo
     """
     from avi_scale.tune.results import UNFINISHED, collect, write_results
 
-    plan = plan_search(cfg)
-    if (retry_errored or restart_errored) and not resume:
-        raise ConfigError("--retry-errored/--restart-errored continue an existing search: add --resume")
-    if retry_errored and restart_errored:
-        raise ConfigError("choose one of --retry-errored (from the last checkpoint) and --restart-errored (from scratch)")
+    import ray
     from ray import tune
 
-    state_file = f"{plan.experiment_path}/{STATE_FILE}"
-    saved_text = read_text(state_file)
-    exists = saved_text is not None or tune.Tuner.can_restore(plan.experiment_path)
-    if resume:
-        if saved_text is None or not tune.Tuner.can_restore(plan.experiment_path):
-            raise ConfigError(f"--resume: no avi-tune search to resume at {plan.experiment_path}")
-        saved = plan_search(from_dict(yaml.safe_load(saved_text)))
-        changed = config_differences(saved.cfg, plan.cfg)
-        if changed:
-            log(f"avi-tune: resuming the search as it was started; ignoring changes to {', '.join(changed)}")
-        plan = saved
-    elif exists:
-        raise ConfigError(f"a search named {plan.name!r} already exists at {plan.experiment_path}: continue it "
-                          "with --resume, or choose another tune.name")
-
-    import ray
+    plan = _resumable_plan(plan_search(cfg), resume, retry_errored, restart_errored, log)
 
     if not is_uri(plan.storage):
         # Tune snapshots the experiment state (trial statuses, the searcher) at most every 10 s by default;
@@ -331,7 +356,7 @@ def run_search(cfg: ExperimentConfig, *, resume: bool = False, retry_errored: bo
             tuner = tune.Tuner.restore(plan.experiment_path, trainable=make_trainable(plan), resume_unfinished=True,
                                        resume_errored=retry_errored, restart_errored=restart_errored)
         else:
-            write_text(state_file, to_yaml(plan.cfg))
+            write_text(f"{plan.experiment_path}/{STATE_FILE}", to_yaml(plan.cfg))
             tuner = make_tuner(plan, verbose)
         log(f"avi-tune: {'resuming' if resume else 'starting'} search {plan.name!r} at {plan.experiment_path} "
             f"({plan.num_trials()} trial(s), scheduler {plan.cfg.tune.scheduler}, metric {plan.cfg.tune.metric} "
