@@ -59,6 +59,15 @@ avi_check_config() {
   fi
 }
 
+# One node of NPROC ranks (the single-node scripts): the config exists and passes the check for that
+# world size, CPU defaults are set; leaves the rank count in $nproc.  usage: avi_single_node CONFIG.yaml [key=value ...]
+avi_single_node() {
+  avi_need_config "$@"
+  nproc=$(avi_node_ranks)
+  avi_check_config "$nproc" "$@"
+  avi_cpu_defaults "$nproc"
+}
+
 avi_run() {
   printf 'launching:'
   printf ' %q' "$@"

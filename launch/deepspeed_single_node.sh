@@ -6,10 +6,6 @@
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 source "$here/common.sh"
-avi_need_config "$@"
-
-nproc=$(avi_node_ranks)
-avi_check_config "$nproc" "$@"
-avi_cpu_defaults "$nproc"
+avi_single_node "$@"
 avi_run "${DEEPSPEED:-deepspeed}" --num_gpus "$nproc" --master_port "${MASTER_PORT:-29500}" \
   --no_local_rank --module avi_scale.cli "$@"

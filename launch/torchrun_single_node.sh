@@ -5,9 +5,5 @@
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 source "$here/common.sh"
-avi_need_config "$@"
-
-nproc=$(avi_node_ranks)
-avi_check_config "$nproc" "$@"
-avi_cpu_defaults "$nproc"
+avi_single_node "$@"
 avi_run "${TORCHRUN:-torchrun}" --standalone --nnodes 1 --nproc_per_node "$nproc" -m avi_scale.cli "$@"
