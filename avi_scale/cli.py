@@ -74,34 +74,26 @@ def _output_problems(cfg) -> list[str]:
 def _check_data(cfg, world: int) -> list[str]:
     """One line per split; raises on a missing/unreadable manifest, a shape mismatch or a batch that does
     not fit the training split."""
-    from avi_scale.data import openers, read_manifest, split_urls
-    from avi_scale.data.manifest import resolve_split
+    from avi_scale.data import SplitNotConfigured, split_shards
+    from avi_scale.data.manifest import SPLITS
 
-    t, m, d = cfg.train, cfg.model, cfg.data
-    # the endpoint and retry policy of the run (build_loader does this for the engine)
-    openers.configure(endpoint_url=d.s3_endpoint_url, retries=d.io_retries, timeout_s=d.io_timeout_s,
-                      backoff_s=d.io_backoff_s)
-    if not cfg.data.train_urls:
-        raise ValueError("data.train_urls: required for training: a dataset directory holding manifest.json "
-                         "(e.g. data/mnist5k, s3://bucket/cifar10) or a shard pattern "
-                         "(e.g. data/mnist/train-{000000..000009}.tar)")
+    t, m = cfg.train, cfg.model
     lines = []
     slots = world * t.gradient_accumulation_steps
-    for split in ("train", "val", "test"):
+    for split in SPLITS:
         try:
-            urls = split_urls(cfg.data, split)
-        except ValueError:
+            shards = split_shards(cfg.data, split)  # also sets the run's I/O policy
+        except SplitNotConfigured:
             if split == "train":
                 raise
             lines.append(f"data[{split}]: none")
             continue
-        shards = resolve_split(urls, split)
         h, w, c = shards.image_shape
         if (h, w, c) != (m.image_size, m.image_size, m.image_channels):
             raise ValueError(f"data[{split}] images are {h}x{w}x{c} but model.image_size/image_channels "
                              f"expect {m.image_size}x{m.image_size}x{m.image_channels}")
-        read_manifest(urls)
-        lines.append(f"data[{split}]: {len(shards.urls)} shard(s), {shards.num_samples} images, {h}x{w}x{c} ({urls})")
+        lines.append(f"data[{split}]: {len(shards.urls)} shard(s), {shards.num_samples} images, {h}x{w}x{c} "
+                     f"({shards.location})")
         if split == "train":
             per_epoch = shards.num_samples // (slots * t.micro_batch_size)
             if per_epoch < 1:

@@ -34,7 +34,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from avi_scale.config import DataConfig
-from avi_scale.data import build_loader, load_mnist5k
+from avi_scale.data import build_loader
+from data_tools.mnist5k import load_mnist5k
 from data_tools.sources import ArrayImages, Source
 from data_tools.writer import WriteOptions, convert, encode_png
 

@@ -16,7 +16,10 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
-from typing import Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
+
+if TYPE_CHECKING:
+    from data_tools.sources import Source
 
 EPILOG = """examples:
   avi-shards mnist5k --out data/mnist5k
@@ -108,20 +111,25 @@ def _flat_shape(text: Optional[str]) -> Optional[tuple[int, int, int]]:
     return c, h, w
 
 
-def _source(args: argparse.Namespace):
-    from data_tools import sources
+def _source(args: argparse.Namespace) -> Source:
+    """Read the source named by the sub-command."""
+    from data_tools.arrays import read_numpy
+    from data_tools.folder import read_folder
+    from data_tools.mnist import read_mnist, read_omniglot
+    from data_tools.mnist5k import read_mnist5k
+    from data_tools.sources import read_cifar
 
     readers: dict[str, Callable] = {
-        "cifar10": lambda: sources.read_cifar(args.src, 10),
-        "cifar100": lambda: sources.read_cifar(args.src, 100, args.labels),
-        "mnist": lambda: sources.read_mnist(args.src, args.name),
-        "omniglot": lambda: sources.read_omniglot(args.src),
-        "folder": lambda: sources.read_folder(args.src, args.channels, args.size, args.name),
-        "numpy": lambda: sources.read_numpy(
+        "cifar10": lambda: read_cifar(args.src, 10),
+        "cifar100": lambda: read_cifar(args.src, 100, args.labels),
+        "mnist": lambda: read_mnist(args.src, args.name),
+        "omniglot": lambda: read_omniglot(args.src),
+        "folder": lambda: read_folder(args.src, args.channels, args.size, args.name),
+        "numpy": lambda: read_numpy(
             {"train": args.train, "val": args.val, "test": args.test},
             {"train": args.train_labels, "val": args.val_labels, "test": args.test_labels},
             args.images_key, args.labels_key, args.layout, _flat_shape(args.flat_shape), args.label_offset, args.name),
-        "mnist5k": sources.read_mnist5k,
+        "mnist5k": read_mnist5k,
     }
     return readers[args.command]()
 

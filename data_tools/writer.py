@@ -31,12 +31,10 @@ import numpy as np
 
 from avi_scale.data import openers
 from avi_scale.data.errors import NotFoundError, StorageError
-from avi_scale.data.manifest import FORMAT, VERSION, check_manifest
+from avi_scale.data.manifest import FORMAT, MANIFEST_NAME, SPLITS, VERSION, check_manifest
 from data_tools.sources import Source, SourceError
 
 JOURNAL = "_progress.json"
-MANIFEST = "manifest.json"
-SPLIT_ORDER = ("train", "val", "test")
 SHARD_NAME = re.compile(r"^(train|val|test)-\d{6}\.tar$")
 _TAR_MTIME = 946684800  # fixed member times make shards byte-identical across runs
 
@@ -223,7 +221,7 @@ def plan_splits(source: Source, val_fraction: float, test_fraction: Optional[flo
     for split in ("val", "test"):
         if split in source.splits and len(source.splits[split]):
             plan[split] = (split, source.splits[split], rng.permutation(len(source.splits[split])))
-    return {split: plan[split] for split in SPLIT_ORDER if split in plan}
+    return {split: plan[split] for split in SPLITS if split in plan}
 
 
 # --------------------------------------------------------------------------------------------- write
@@ -250,19 +248,19 @@ def _start_or_resume(store: LocalStore | S3Store, fingerprint: str, overwrite: b
     fresh = {"fingerprint": fingerprint, "splits": {}}
     if overwrite:
         for name in store.names():
-            if SHARD_NAME.match(name) or name in (MANIFEST, JOURNAL):
+            if SHARD_NAME.match(name) or name in (MANIFEST_NAME, JOURNAL):
                 store.delete(name)
         store.clean_temporaries()
         return fresh
-    if store.size(MANIFEST) is not None:
-        raise ConvertError(f"{store.location} already holds a converted dataset ({MANIFEST}); "
+    if store.size(MANIFEST_NAME) is not None:
+        raise ConvertError(f"{store.location} already holds a converted dataset ({MANIFEST_NAME}); "
                            f"pass --overwrite to replace it, or choose another --out")
     store.clean_temporaries()
     raw = store.get_bytes(JOURNAL)
     if raw is None:
         stale = [n for n in store.names() if SHARD_NAME.match(n)]
         if stale:
-            raise ConvertError(f"{store.location} holds shards ({stale[0]}, ...) but no {MANIFEST} or {JOURNAL}; "
+            raise ConvertError(f"{store.location} holds shards ({stale[0]}, ...) but no {MANIFEST_NAME} or {JOURNAL}; "
                                f"pass --overwrite to replace them")
         return fresh
     journal = json.loads(raw)
@@ -377,10 +375,10 @@ def convert(source: Source, opts: WriteOptions) -> dict:
             "seed": opts.seed, "val_fraction": opts.val_fraction,
             "test_fraction": None if "test" in source.splits else carved_test_fraction(opts.test_fraction),
             "shard_limits": {"max_mb": opts.shard_mb, "max_samples": opts.shard_samples},
-            "splits": {k: splits[k] for k in SPLIT_ORDER if k in splits},
+            "splits": {k: splits[k] for k in SPLITS if k in splits},
         }
-        check_manifest(manifest, f"{store.location}/{MANIFEST}")
-        store.put_bytes(MANIFEST, json.dumps(manifest, indent=2).encode())
+        check_manifest(manifest, f"{store.location}/{MANIFEST_NAME}")
+        store.put_bytes(MANIFEST_NAME, json.dumps(manifest, indent=2).encode())
         store.delete(JOURNAL)
         return manifest
     finally:

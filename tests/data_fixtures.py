@@ -1,6 +1,8 @@
-"""Real servers and data builders for tests/test_data.py (imported there; not a conftest).
+"""Real servers and data builders for tests/test_data.py and tests/test_faults.py (imported there; their
+fixtures ``s3_endpoint`` and ``aws_env`` are in tests/conftest.py).
 
-* ``s3_endpoint``: a moto S3 server on 127.0.0.1 (free port), started once per module and stopped.
+* ``AWS_ENV``: fake AWS credentials; :func:`moto_auth`, :func:`make_bucket` for the moto S3 server;
+  ``FAST_IO``: the loaders' I/O retry and timeout settings, short for tests.
 * :class:`HTTPServer`: serves a directory; can cut one file mid-body and then go away.
 * :class:`CuttingProxy`: a TCP proxy in front of the S3 server that drops every connection after N bytes
   (and optionally stops accepting after the first drop: the server "goes away").
@@ -12,7 +14,6 @@ from __future__ import annotations
 
 import http.server
 import io
-import logging
 import pickle
 import socket
 import tarfile
@@ -22,31 +23,10 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
-import pytest
 
 AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing-secret-never-logged",
            "AWS_DEFAULT_REGION": "us-east-1"}
-
-
-@pytest.fixture
-def aws_env(monkeypatch):
-    for key in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN"):
-        monkeypatch.delenv(key, raising=False)
-    for key, value in AWS_ENV.items():
-        monkeypatch.setenv(key, value)
-    return AWS_ENV
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
+FAST_IO = {"io_retries": 3, "io_timeout_s": 3.0, "io_backoff_s": 0.05, "batch_timeout_s": 60.0}
 
 
 def moto_auth(endpoint: str, enforce: bool) -> None:

@@ -1,9 +1,9 @@
 """Helpers of tests/test_faults.py: launching real jobs with injected faults, killing them, read-only and
 full filesystems, and an S3 server that can be stopped and restarted on the same port.
 
-* :func:`job_env`: the environment of a launched job (venv tools first, CPU DeepSpeed, one thread per
-  rank) with ``tests/fault_inject`` on ``PYTHONPATH`` and the faults to inject (see its
-  ``sitecustomize.py``);
+* :func:`job_env`: the environment of a launched job (``helpers.launch_env``: venv tools first, CPU
+  DeepSpeed, one thread per rank) with ``tests/fault_inject`` on ``PYTHONPATH`` and the faults to inject
+  (see its ``sitecustomize.py``);
 * :class:`Job`: a launch script or ``avi-train`` started in the background (output to a log file), its
   process tree, :meth:`Job.wait_paused` for a rank that reached its injected pause point;
 * :func:`readonly_dir_command` / :func:`full_disk_command`: run a command with a directory made
@@ -22,69 +22,24 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from conftest import REPO
+from helpers import REPO, launch_env
 
-VENV_BIN = Path(sys.executable).parent
 INJECT = Path(__file__).resolve().parent / "fault_inject"
-LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_SIZE")
-
-TINY_YAML = """
-name: fault_test
-model:
-  num_layers: 2
-  num_filters: 8
-  latent_channels: 4
-  num_blocks: 1
-  num_preprocess_blocks: 1
-  num_postprocess_blocks: 1
-  prior_attention: {{key_dim: 4}}
-  posterior_attention: {{key_dim: 4}}
-  nonlocal_places: []
-data:
-  train_urls: {shards}
-  shuffle_buffer: 50
-optim:
-  lr: 0.005
-  warmup_steps: 1
-train:
-  steps: 6
-  micro_batch_size: 4
-  kl_warmup_steps: 2
-  log_every: 1
-  eval_every: 0
-  eval_batches: 1
-  checkpoint_every: 2
-  keep_checkpoints: 2
-  device: cpu
-  deterministic: true
-  progress_bar: false
-eval:
-  num_samples: 4
-"""
 
 
 def job_env(faults: Sequence[dict] = (), fault_dir: Optional[Path] = None, **extra: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
-    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
-    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env = launch_env()
     if faults:
         env["AVI_FAULT"] = json.dumps(list(faults))
         env["AVI_FAULT_DIR"] = str(fault_dir)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(INJECT), env.get("PYTHONPATH", "")) if p)
     env.update(extra)
     return env
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Job:
@@ -184,15 +139,6 @@ def wait_gone(pids: Sequence[int], timeout: float = 60.0) -> list[int]:
         if alive:
             time.sleep(0.1)
     return [p.pid for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-
-
-def rows(run_dir: Path, kind: str) -> list[dict]:
-    out = []
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        if row["kind"] == kind:
-            out.append(row)
-    return out
 
 
 # -- filesystems through a user + mount namespace ------------------------------------------------------------

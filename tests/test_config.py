@@ -4,7 +4,7 @@ import pytest
 
 from avi_scale.config import ConfigError, from_dict, load_config, save_config, to_dict, to_yaml
 
-from conftest import REPO
+from helpers import REPO
 
 
 def test_yaml_and_overrides_merge():

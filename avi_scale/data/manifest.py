@@ -29,12 +29,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import braceexpand
 
 from avi_scale.data.errors import ManifestError, NotFoundError
-from avi_scale.data.openers import open_url
+from avi_scale.data.openers import configure_for, open_url
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "avi-scale-shards"
@@ -138,6 +138,7 @@ class SplitShards:
     manifest_url: str
     urls: tuple[str, ...]
     counts: tuple[int, ...]
+    location: str  # the configured URL(s) they were resolved from
 
     @property
     def num_samples(self) -> int:
@@ -149,9 +150,42 @@ class SplitShards:
         return h, w, c
 
 
-def resolve_split(urls: str, split: Optional[str]) -> SplitShards:
-    """Shard URLs and counts for ``urls``: a dataset directory/prefix (then ``split`` picks the manifest's
-    pattern) or a brace pattern of shards listed in the manifest beside them."""
+_TRAIN_URLS_HELP = ("a dataset directory holding manifest.json (e.g. data/mnist5k, s3://bucket/cifar10) or a "
+                    "shard pattern (e.g. data/mnist/train-{000000..000009}.tar)")
+
+
+class SplitNotConfigured(ValueError):
+    """The ``data`` config names no URLs for a split (a ``ValueError``: the config is what is wrong)."""
+
+
+def split_urls(data_cfg: Any, split: str) -> str:
+    """The URL(s) for ``split``: ``data.<split>_urls``, else ``data.train_urls`` when it names a dataset
+    directory/prefix (then the manifest gives each split's shards).  :class:`SplitNotConfigured` when
+    there are none."""
+    urls = getattr(data_cfg, f"{split}_urls", None)
+    if urls:
+        return urls
+    if data_cfg.train_urls and not is_shard_pattern(data_cfg.train_urls):
+        return data_cfg.train_urls
+    if split == "train":
+        raise SplitNotConfigured(f"data.train_urls: required for training: {_TRAIN_URLS_HELP}")
+    raise SplitNotConfigured(f"data.{split}_urls is not set (and data.train_urls is not a dataset directory whose "
+                     f"manifest could name the {split!r} shards)")
+
+
+def split_shards(data_cfg: Any, split: str) -> SplitShards:
+    """The shards of ``split`` ("train", "val" or "test") of a ``data`` config section, with their counts.
+
+    The one place where URLs are resolved (loaders, ``avi-train --check``): the URLs come from
+    :func:`split_urls` (:class:`SplitNotConfigured` when the config names none for ``split``); a dataset
+    directory/prefix gives the manifest's pattern for ``split``, a brace pattern names shards that its
+    directory's manifest must list.  Sets the run's I/O policy first (endpoint, retries, timeouts:
+    :func:`~avi_scale.data.openers.configure_for`).
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
+    configure_for(data_cfg)
+    urls = split_urls(data_cfg, split)
     root = dataset_root(urls)
     manifest = read_manifest(root)
     murl = manifest_url(root)
@@ -161,6 +195,14 @@ def resolve_split(urls: str, split: Optional[str]) -> SplitShards:
         if split not in manifest["splits"]:
             raise ManifestError(f"{murl} has no {split!r} split (it has: {', '.join(manifest['splits'])})")
         shard_urls = [join_url(root, name) for name in braceexpand.braceexpand(manifest["splits"][split]["pattern"])]
+    counts = _listed_counts(shard_urls, root, manifest, murl)
+    if len(set(shard_urls)) != len(shard_urls):
+        raise ManifestError(f"{urls!r} names some shards more than once")
+    return SplitShards(manifest, murl, tuple(shard_urls), counts, urls)
+
+
+def _listed_counts(shard_urls: list[str], root: str, manifest: dict, murl: str) -> tuple[int, ...]:
+    """The manifest's sample count of each shard; every shard must sit in ``root`` and be listed."""
     known = {s["name"]: s["count"] for part in manifest["splits"].values() for s in part["shards"]}
     counts = []
     for url in shard_urls:
@@ -169,6 +211,4 @@ def resolve_split(urls: str, split: Optional[str]) -> SplitShards:
         if _basename(url) not in known:
             raise ManifestError(f"shard {url} is not listed in {murl}")
         counts.append(known[_basename(url)])
-    if len(set(shard_urls)) != len(shard_urls):
-        raise ManifestError(f"{urls!r} names some shards more than once")
-    return SplitShards(manifest, murl, tuple(shard_urls), tuple(counts))
+    return tuple(counts)

@@ -56,7 +56,14 @@ def configure(**changes: Any) -> IOSettings:
     return _settings
 
 
+def configure_for(data_cfg: Any) -> IOSettings:
+    """The I/O settings of a run, from its ``data`` config section (endpoint, retries, timeout, back-off)."""
+    return configure(endpoint_url=data_cfg.s3_endpoint_url, retries=data_cfg.io_retries,
+                     timeout_s=data_cfg.io_timeout_s, backoff_s=data_cfg.io_backoff_s)
+
+
 def settings() -> IOSettings:
+    """The current process-wide I/O settings."""
     return _settings
 
 
@@ -341,10 +348,6 @@ def register() -> None:
     gopen_schemes["s3"] = gopen_s3
     gopen_schemes["http"] = gopen_http
     gopen_schemes["https"] = gopen_http
-
-
-def is_remote(url: str) -> bool:
-    return url.startswith(("s3://", "http://", "https://"))
 
 
 def open_url(url: str) -> io.BufferedIOBase:

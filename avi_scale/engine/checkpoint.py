@@ -14,8 +14,8 @@ saves with ``save_latest=False`` and moves ``latest`` itself after a barrier.  T
 in rank 0's model-states file; after loading, rank 0 broadcasts it (under ZeRO-3 every rank reads
 its own file).
 
-``export_consolidated`` turns a checkpoint into one fp32 ``.pt`` file (DeepSpeed's zero_to_fp32
-functions for ZeRO 1-3) that :func:`load_exported` loads into a plain :class:`AttentiveVAE`.
+:mod:`avi_scale.engine.export` turns a checkpoint into one fp32 ``.pt`` file (DeepSpeed's zero_to_fp32
+functions for ZeRO 1-3) and holds the one reader of trained models (:func:`~avi_scale.engine.export.load_model`).
 
 Safety and failures:
 
@@ -150,6 +150,12 @@ def tag_for(step: int) -> str:
     return f"step{step:08d}"
 
 
+def tag_step(tag_dir: str | Path) -> int:
+    """The step of a ``stepNNNNNNNN`` tag directory; -1 for any other name."""
+    m = _TAG.match(Path(tag_dir).name)
+    return int(m.group(1)) if m else -1
+
+
 def is_complete(tag_dir: Path) -> bool:
     return (tag_dir / COMPLETE).is_file()
 
@@ -266,69 +272,14 @@ def _write_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-# -- consolidated fp32 export ----------------------------------------------------------------------
-_MODEL_STATES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
+# The export and the one model reader live in avi_scale.engine.export (which imports this module); these
+# names are still served from here for the importers that knew them in this module.
+_MOVED_TO_EXPORT = ("consolidated_state_dict", "export_consolidated", "has_model_states", "load_exported")
 
 
-def has_model_states(tag_dir: str | Path) -> bool:
-    """True for a DeepSpeed checkpoint tag directory (complete or not, universal or not)."""
-    return any((Path(tag_dir) / name).is_file() for name in _MODEL_STATES)
+def __getattr__(name: str) -> Any:
+    if name in _MOVED_TO_EXPORT:
+        from avi_scale.engine import export
 
-
-def _model_states_file(tag_dir: Path) -> Path:
-    for name in _MODEL_STATES:
-        if (tag_dir / name).is_file():
-            return tag_dir / name
-    raise FileNotFoundError(f"no DeepSpeed model-states file in {tag_dir}")
-
-
-def consolidated_state_dict(tag_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """(fp32 state dict of the model, client state) from a DeepSpeed checkpoint of any ZeRO stage.
-
-    ZeRO 1-3 checkpoints (and bf16 ones, whose fp32 master weights live in the optimizer files)
-    go through ``deepspeed.utils.zero_to_fp32``; ZeRO-0 fp32 checkpoints hold the full module.
-    Runs on one process, without a process group.
-    """
-    tag_dir = Path(tag_dir)
-    verify_checkpoint_files(tag_dir)  # before DeepSpeed's zero_to_fp32 unpickles the optimizer files
-    states = safe_load(_model_states_file(tag_dir))
-    client = states[CLIENT_KEY]
-    has_optim_shards = any(p.name.endswith("optim_states.pt") for p in tag_dir.iterdir())
-    if has_optim_shards:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        sd = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
-    else:
-        sd = states["module"]
-    sd = {k: (v.float() if v.is_floating_point() else v).clone() for k, v in sd.items()}
-    return sd, client
-
-
-def export_consolidated(tag_dir: str | Path, out_path: str | Path) -> Path:
-    """Write ``{"state_dict", "ema_state_dict", "config", "step"}`` (fp32, CPU) to ``out_path``.
-
-    ``ema_state_dict`` holds the EMA parameters with the model's buffers (BatchNorm statistics),
-    so both dicts load strictly into a plain model.
-    """
-    sd, client = consolidated_state_dict(tag_dir)
-    ema_params = client["ema"]["state_dict"]
-    ema_sd = {k: (ema_params[k].float() if k in ema_params else v) for k, v in sd.items()}
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    torch.save({"state_dict": sd, "ema_state_dict": ema_sd, "config": client["config"], "step": client["step"]}, tmp)
-    os.replace(tmp, out_path)
-    return out_path
-
-
-def load_exported(path: str | Path, use_ema: bool = True):
-    """(plain AttentiveVAE in eval mode, ExperimentConfig) from a file written by :func:`export_consolidated`."""
-    from avi_scale.config import from_dict
-    from avi_scale.model import AttentiveVAE
-
-    blob = safe_load(path)
-    cfg = from_dict(blob["config"])
-    model = AttentiveVAE(cfg.model)
-    model.load_state_dict(blob["ema_state_dict" if use_ema else "state_dict"])
-    model.eval()
-    return model, cfg
+        return getattr(export, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -4,7 +4,9 @@ Every launcher we support (the ``deepspeed`` launcher with ``--no_local_rank``, 
 DeepSpeed's slurm runner / plain ``srun``, or none at all) is reduced to the same environment:
 ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``.  A bare
 ``python -m avi_scale.cli`` run gets single-process defaults (and a free port) so that DeepSpeed does
-not go looking for MPI.
+not go looking for MPI.  :func:`process_group` is the whole set-up and tear-down (launch environment,
+device, group, shutdown) for the engine and ``avi-eval`` alike; a launch that cannot work raises
+:class:`LaunchError`.
 """
 
 from __future__ import annotations
@@ -19,6 +21,10 @@ import torch
 import torch.distributed as dist
 
 _LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+class LaunchError(RuntimeError):
+    """The launcher's environment or the requested device cannot work (names what is missing)."""
 
 
 def free_port() -> int:
@@ -37,7 +43,7 @@ def _slurm_env() -> dict[str, str]:
     out = {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": env["SLURM_NTASKS"],
            "LOCAL_RANK": env.get("SLURM_LOCALID", "0")}
     if int(out["WORLD_SIZE"]) > 1 and "MASTER_ADDR" not in env:
-        raise RuntimeError("running under srun with several tasks but MASTER_ADDR is not set; "
+        raise LaunchError("running under srun with several tasks but MASTER_ADDR is not set; "
                            "export MASTER_ADDR (the first host of the allocation) and MASTER_PORT")
     return out
 
@@ -68,7 +74,7 @@ def launch_environment() -> Iterator[None]:
         os.environ.setdefault("LOCAL_RANK", "0")
         missing = [k for k in ("WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
         if missing:
-            raise RuntimeError(f"RANK is set but {missing} are not: start the job through a launcher "
+            raise LaunchError(f"RANK is set but {missing} are not: start the job through a launcher "
                                "(deepspeed, torchrun, srun) or unset RANK for a single-process run")
     try:
         yield
@@ -80,12 +86,12 @@ def launch_environment() -> Iterator[None]:
                 os.environ[k] = v
 
 
-def resolve_device(requested: str) -> str:
-    """'auto' becomes 'cuda' when a GPU is visible, else 'cpu'."""
+def resolve_device(requested: str, hint: str = "") -> str:
+    """'auto' becomes 'cuda' when a GPU is visible, else 'cpu'; ``hint`` ends the error message."""
     if requested == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if requested == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but no CUDA device is visible")
+        raise LaunchError("train.device=cuda but no CUDA device is visible" + hint)
     return requested
 
 
@@ -106,22 +112,53 @@ class World:
         return self.rank == 0
 
 
-def init_process_group(device: str) -> World:
-    """Initialise torch.distributed through DeepSpeed (gloo on CPU, nccl on CUDA)."""
-    select_accelerator(device)
-    import deepspeed
-    from deepspeed.accelerator import get_accelerator
-
-    local_rank = int(os.environ["LOCAL_RANK"])
+def init_process_group(device: str, group_when_alone: bool = True) -> World:
+    """Bind this rank's device and initialise torch.distributed through DeepSpeed (gloo on CPU, nccl on
+    CUDA), unless a group exists.  ``group_when_alone=False``: a lone process (``WORLD_SIZE`` 1) makes no
+    group and does not import DeepSpeed (``avi-eval``); its World is rank 0 of 1."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device == "cuda":
         torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank)
     else:
         dev = torch.device("cpu")
-    if not dist.is_initialized():
+    if not dist.is_initialized() and (group_when_alone or int(os.environ.get("WORLD_SIZE", "1")) > 1):
+        select_accelerator(device)
+        import deepspeed
+        from deepspeed.accelerator import get_accelerator
+
         deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
                                    auto_mpi_discovery=False, verbose=False)
-    return World(dist.get_rank(), dist.get_world_size(), local_rank, dev)
+    rank, world_size = rank_and_world_size()
+    return World(rank, world_size, local_rank, dev)
+
+
+@contextlib.contextmanager
+def process_group(requested_device: str, group_when_alone: bool = True, device_hint: str = "") -> Iterator[World]:
+    """The whole set-up for one run on this rank: the device (:func:`resolve_device`), the launch
+    environment, the process group (:func:`init_process_group`); on leaving, the group this call made is
+    shut down (after a barrier on a normal exit) and the environment restored.  A group made by the
+    caller (Ray Train) is used and left alone."""
+    device = resolve_device(requested_device, device_hint)
+    select_accelerator(device)
+    with launch_environment():
+        created = not dist.is_initialized()
+        world = init_process_group(device, group_when_alone)
+        try:
+            yield world
+        except BaseException:
+            if created:
+                shutdown(barrier_first=False)
+            raise
+        if created:
+            shutdown()
+
+
+def rank_and_world_size() -> tuple[int, int]:
+    """(rank, world size) of the current process group; (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def shutdown(barrier_first: bool = True) -> None:

@@ -5,7 +5,8 @@
 * :mod:`~avi_scale.evaluate.figures`: sample grids, reconstructions, depth-wise attention, KL heat map,
   curves (PNG);
 * :mod:`~avi_scale.evaluate.report`: one Markdown + self-contained HTML page;
-* :mod:`~avi_scale.evaluate.loading`: run directories, DeepSpeed checkpoints, consolidated files;
+* :mod:`~avi_scale.evaluate.loading`: run directories, DeepSpeed checkpoints, consolidated files (the
+  engine's one reader, :func:`avi_scale.engine.export.load_model`);
 * :mod:`~avi_scale.evaluate.cli`: the ``avi-eval`` console script (:func:`eval_main`).
 """
 
@@ -18,7 +19,7 @@ from typing import Any
 _EXPORTS = {
     "CheckpointError": "avi_scale.evaluate.loading", "LoadedModel": "avi_scale.evaluate.loading",
     "load_model": "avi_scale.evaluate.loading", "NLLResult": "avi_scale.evaluate.nll",
-    "evaluate_nll": "avi_scale.evaluate.nll", "nats_to_bpd": "avi_scale.evaluate.nll",
+    "evaluate_nll": "avi_scale.evaluate.nll",
 }
 __all__ = sorted(_EXPORTS)
 

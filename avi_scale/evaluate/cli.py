@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -99,83 +98,30 @@ def _flag_overrides(args: argparse.Namespace) -> list[str]:
     return out
 
 
-class _Context:
-    """Rank, world size and device of this evaluation process."""
-
-    def __init__(self, device_request: str):
-        import torch
-        import torch.distributed as dist
-
-        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        self.created = False
-        if device_request == "auto":
-            device_request = "cuda" if torch.cuda.is_available() else "cpu"
-        if device_request == "cuda" and not torch.cuda.is_available():
-            raise ValueError("train.device=cuda (from the checkpoint's config) but no CUDA device is visible: pass --device cpu")
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if device_request == "cuda":
-            torch.cuda.set_device(local_rank)
-            self.device = torch.device("cuda", local_rank)
-        else:
-            self.device = torch.device("cpu")
-        if self.world_size > 1 and not dist.is_initialized():
-            missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
-            if missing:
-                raise ValueError(f"WORLD_SIZE={self.world_size} but {missing} are not set: start several ranks "
-                                   "through a launcher (torchrun, deepspeed, srun)")
-            dist.init_process_group(backend="nccl" if self.device.type == "cuda" else "gloo", init_method="env://")
-            self.created = True
-        self.rank = dist.get_rank() if dist.is_initialized() else 0
-        self.world_size = dist.get_world_size() if dist.is_initialized() else 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def all_sum(self, value: float) -> float:
-        import torch
-        import torch.distributed as dist
-
-        if self.world_size == 1:
-            return value
-        t = torch.tensor([value], dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
-        return t.item()
-
-    def barrier(self) -> None:
-        import torch.distributed as dist
-
-        if dist.is_initialized() and self.world_size > 1:
-            dist.barrier()
-
-    def close(self) -> None:
-        import torch.distributed as dist
-
-        if self.created and dist.is_initialized():
-            dist.barrier()
-            dist.destroy_process_group()
-
-
-def _say(ctx: Optional[_Context], message: str) -> None:
-    if ctx is None or ctx.main:
+def _say(world, message: str) -> None:
+    if world is None or world.is_main:
         print(message, flush=True)
 
 
-def _run_nll(loaded, cfg, ctx: _Context, progress: bool):
-    from avi_scale.data import build_loader
+def _run_nll(loaded, cfg, world, progress: bool):
+    """The likelihood on this rank's share of the evaluation split, reduced over all ranks."""
+    import torch
 
+    from avi_scale.data import build_loader
+    from avi_scale.engine import distributed as D
     from avi_scale.evaluate.nll import evaluate_nll
 
     e = cfg.eval
-    loader = build_loader(cfg.data, e.split, e.batch_size, ctx.rank, ctx.world_size)
+    loader = build_loader(cfg.data, e.split, e.batch_size, world.rank, world.world_size)
     total = loader.shards.num_samples
-    _say(ctx, f"evaluating {total} images of split {e.split!r} ({loader.shards.manifest_url}) on {ctx.world_size} "
-              f"rank(s), K={e.iw_samples} importance samples in chunks of {min(e.iw_chunk, e.iw_samples)}")
+    _say(world, f"evaluating {total} images of split {e.split!r} ({loader.shards.manifest_url}) on "
+                f"{world.world_size} rank(s), K={e.iw_samples} importance samples in chunks of "
+                f"{min(e.iw_chunk, e.iw_samples)}")
     result = evaluate_nll(loaded.model, loader, iw_samples=e.iw_samples, iw_chunk=e.iw_chunk, seed=e.seed,
                           expected_count=None if cfg.data.skip_corrupt else total, progress=progress,
                           progress_total=loader.num_samples, active_unit_threshold=e.active_unit_threshold,
                           active_layer_kl=e.active_layer_kl)
-    skipped = int(ctx.all_sum(float(loader.skipped)))
+    skipped = int(D.all_reduce(torch.tensor([float(loader.skipped)], dtype=torch.float64, device=world.device)).item())
     if result.count + skipped != total:
         raise RuntimeError(f"evaluated {result.count} images and skipped {skipped} corrupt ones, but the split "
                            f"holds {total}")
@@ -258,7 +204,8 @@ def _make_figures(loaded, cfg, out: Path, run_dir: Optional[Path], nll=None, nee
 
 
 def _main(args: argparse.Namespace) -> int:
-    from avi_scale.config import apply_overrides, save_config, to_yaml
+    from avi_scale.config import apply_overrides
+    from avi_scale.engine import distributed as D
     from avi_scale.evaluate.loading import FIXED_BY_CHECKPOINT, load_model
 
     loaded = load_model(args.checkpoint, use_ema=True, config_path=args.config)
@@ -267,43 +214,54 @@ def _main(args: argparse.Namespace) -> int:
         cfg = apply_overrides(cfg, [f"data.{cfg.eval.split}_urls={args.data}"])
     if not cfg.eval.use_ema and loaded.weights == "ema":
         loaded = load_model(args.checkpoint, use_ema=False, config_path=args.config)
-    ctx = _Context(cfg.train.device)
-    try:
-        loaded.model.to(ctx.device)
-        _say(ctx, f"model: {loaded.describe()}, {sum(p.numel() for p in loaded.model.parameters()) / 1e6:.3f}M "
-                  f"parameters, device {ctx.device}")
-        if args.out is not None and ctx.main:
-            args.out.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, args.out / "config.yaml")
-        result = None
-        if args.command == "nll" or (args.command == "report" and not args.skip_nll):
-            result = _run_nll(loaded, cfg, ctx, progress=not args.no_progress)
-            if ctx.main:
-                _print_nll(result)
-                if args.out is not None:
-                    (args.out / "nll.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
-                    print(f"wrote {args.out / 'nll.json'}")
-        if args.command in ("figures", "report") and ctx.main:
-            run_dir = args.run if args.run is not None else loaded.run_dir
-            figs, notes = _make_figures(loaded, cfg, args.out, run_dir, nll=result,
-                                        need_data=args.command == "report")
-            count = sum(len(v) if isinstance(v, dict) else 1 for v in figs.values())
-            print(f"wrote {count} figures to {args.out}")
-            for note in notes:
-                print(note)
-            if args.command == "report":
-                from avi_scale.evaluate.report import build_report
-
-                page = build_report(
-                    title=f"avi-scale evaluation: {cfg.name}", source=str(loaded.source), weights=loaded.weights,
-                    step=loaded.step, num_parameters=sum(p.numel() for p in loaded.model.parameters()),
-                    config_yaml=to_yaml(cfg), nll=result, figures=figs, notes=notes)
-                md, html = page.write(args.out)
-                print(f"wrote {md} and {html}")
-        ctx.barrier()
-    finally:
-        ctx.close()
+    hint = " (from the checkpoint's config): pass --device cpu"
+    with D.process_group(cfg.train.device, group_when_alone=False, device_hint=hint) as world:
+        _evaluate(args, loaded, cfg, world)
+        D.barrier()
     return 0
+
+
+def _evaluate(args: argparse.Namespace, loaded, cfg, world) -> None:
+    """What the command asks for, on this rank (pictures and pages on rank 0)."""
+    from avi_scale.config import save_config
+    from avi_scale.model import count_parameters
+
+    loaded.model.to(world.device)
+    _say(world, f"model: {loaded.describe()}, {count_parameters(loaded.model) / 1e6:.3f}M parameters, "
+                f"device {world.device}")
+    if args.out is not None and world.is_main:
+        args.out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, args.out / "config.yaml")
+    result = None
+    if args.command == "nll" or (args.command == "report" and not args.skip_nll):
+        result = _run_nll(loaded, cfg, world, progress=not args.no_progress)
+        if world.is_main:
+            _print_nll(result)
+            if args.out is not None:
+                (args.out / "nll.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+                print(f"wrote {args.out / 'nll.json'}")
+    if args.command in ("figures", "report") and world.is_main:
+        run_dir = args.run if args.run is not None else loaded.run_dir
+        figs, notes = _make_figures(loaded, cfg, args.out, run_dir, nll=result, need_data=args.command == "report")
+        count = sum(len(v) if isinstance(v, dict) else 1 for v in figs.values())
+        print(f"wrote {count} figures to {args.out}")
+        for note in notes:
+            print(note)
+        if args.command == "report":
+            _write_report(loaded, cfg, args.out, result, figs, notes)
+
+
+def _write_report(loaded, cfg, out: Path, result, figs: dict, notes: list[str]) -> None:
+    from avi_scale.config import to_yaml
+    from avi_scale.evaluate.report import build_report
+    from avi_scale.model import count_parameters
+
+    page = build_report(
+        title=f"avi-scale evaluation: {cfg.name}", source=str(loaded.source), weights=loaded.weights,
+        step=loaded.step, num_parameters=count_parameters(loaded.model), config_yaml=to_yaml(cfg), nll=result,
+        figures=figs, notes=notes)
+    md, html = page.write(out)
+    print(f"wrote {md} and {html}")
 
 
 def eval_main(argv: Optional[Sequence[str]] = None) -> int:
@@ -330,11 +288,12 @@ def eval_main(argv: Optional[Sequence[str]] = None) -> int:
     args.overrides = list(args.overrides) + extra
     from avi_scale.config import ConfigError
     from avi_scale.data import DataError
+    from avi_scale.engine.distributed import LaunchError
     from avi_scale.evaluate.loading import CheckpointError
 
     try:
         return _main(args)
-    except (CheckpointError, ConfigError, DataError, FileNotFoundError, ValueError) as exc:
+    except (CheckpointError, ConfigError, DataError, FileNotFoundError, LaunchError, ValueError) as exc:
         print(f"avi-eval: error: {exc}", file=sys.stderr, flush=True)
         return 2
 

@@ -23,18 +23,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Optional
 
 import torch
-import torch.distributed as dist
 
-from avi_scale.model.distributions import DiagGaussian
-
-LN2 = math.log(2.0)
-
-
-def nats_to_bpd(nats: float | torch.Tensor, num_dims: int):
-    """Nats per image -> bits per dimension: ``nats / (num_dims * ln 2)``."""
-    if num_dims < 1:
-        raise ValueError(f"num_dims must be >= 1, got {num_dims}")
-    return nats / (num_dims * LN2)
+from avi_scale.engine import distributed as D
+from avi_scale.model import nats_to_bpd
 
 
 def image_seed(seed: int, image: torch.Tensor) -> int:
@@ -74,62 +65,6 @@ def check_images(x: Any, model_cfg) -> torch.Tensor:
         if (levels - levels.round()).abs().max().item() > 1e-3:
             raise ValueError("model.likelihood is logistic_mixture but the images are not 8-bit (k/255) values")
     return x
-
-
-class PosteriorCapture:
-    """Reads each layer's posterior and prior off the model's parameter heads during a forward pass.
-
-    The heads output raw (mu, log sigma); the posterior of layer ``l > 0`` is residual on the prior's
-    raw parameters (``docs/model.md``), layer 0's prior is N(0, I).  The distributions rebuilt here
-    give exactly the model's per-layer KL (``tests/test_evaluate.py`` checks it).
-    """
-
-    def __init__(self, model: torch.nn.Module):
-        self.model = model
-        self.cfg = model.cfg
-        self._prior: dict[int, torch.Tensor] = {}
-        self._post: dict[int, torch.Tensor] = {}
-        self._handles: list = []
-
-    def __enter__(self) -> "PosteriorCapture":
-        for i, layer in enumerate(self.model.layers):
-            self._handles.append(layer.posterior_head.register_forward_hook(self._hook(self._post, i)))
-            if i > 0:
-                self._handles.append(layer.prior_head.register_forward_hook(self._hook(self._prior, i)))
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-
-    @staticmethod
-    def _hook(store: dict, index: int):
-        def hook(module, inputs, output):
-            store[index] = output.detach()
-        return hook
-
-    def clear(self) -> None:
-        self._prior.clear()
-        self._post.clear()
-
-    def distributions(self) -> list[tuple[DiagGaussian, DiagGaussian]]:
-        """[(posterior, prior)] per layer, top (0) first, from the last forward pass."""
-        out = []
-        for i in range(len(self.model.layers)):
-            if i not in self._post or (i > 0 and i not in self._prior):
-                raise RuntimeError(f"layer {i}'s parameter heads did not run: call the model's forward "
-                                   "(posterior pass) inside the capture")
-            d_mu, d_ls = self._post[i].float().chunk(2, dim=1)
-            if i == 0:
-                q = DiagGaussian.from_raw(d_mu, d_ls, self.cfg.posterior_log_sigma_bounds)
-                p = DiagGaussian.standard(q.mu)
-            else:
-                p_mu, p_ls = self._prior[i].float().chunk(2, dim=1)
-                p = DiagGaussian.from_raw(p_mu, p_ls, self.cfg.prior_log_sigma_bounds)
-                q = DiagGaussian.from_raw(p_mu + d_mu, p_ls + d_ls, self.cfg.posterior_log_sigma_bounds)
-            out.append((q, p))
-        return out
 
 
 @dataclass
@@ -236,6 +171,70 @@ class _training_mode:
         self.model.train(self.was_training)
 
 
+class _Sums:
+    """This rank's float64 sums, one tensor so that one ``all_reduce(SUM)`` combines the ranks: count,
+    -ELBO and its square, -log p(x) and its square, reconstruction, KL per layer (L), the posterior mean of
+    every unit (L x units) and its square (L x units)."""
+
+    def __init__(self, model_cfg, device: torch.device):
+        L, hw = model_cfg.num_layers, model_cfg.padded_size // 2
+        self.L, self.units = L, model_cfg.latent_channels * hw * hw
+        self.head = 6 + L
+        self.t = torch.zeros(self.head + 2 * L * self.units, dtype=torch.float64, device=device)
+
+    def add(self, out, log_px: torch.Tensor) -> None:
+        """One pass's images: ``out`` from ``model(x, stats=True)``, ``log_px`` the IW estimate [B]."""
+        t, L, head = self.t, self.L, self.head
+        ne, nll = out.neg_elbo.double(), -log_px.double()
+        means = torch.stack([s.posterior.mu.flatten(1) for s in out.stats], dim=1).double()  # E_q[z_u]: [B, L, units]
+        t[0] += ne.shape[0]
+        t[1] += ne.sum()
+        t[2] += (ne * ne).sum()
+        t[3] += nll.sum()
+        t[4] += (nll * nll).sum()
+        t[5] += out.recon_nll.double().sum()
+        t[6:head] += out.kl.double().sum(0)
+        t[head:head + L * self.units] += means.sum(0).flatten()
+        t[head + L * self.units:] += (means * means).sum(0).flatten()
+
+    def result(self, n: int, active_unit_threshold: float, **fields) -> NLLResult:
+        """The means and standard errors over ``n`` images (the reduced count) as an :class:`NLLResult`."""
+        s, L, head, units = self.t.cpu(), self.L, self.head, self.units
+        neg_elbo, neg_elbo_se = _mean_se(s[1].item(), s[2].item(), n)
+        nll, nll_se = _mean_se(s[3].item(), s[4].item(), n)
+        mean_mu = s[head:head + L * units].view(L, units) / n
+        var_mu = s[head + L * units:].view(L, units) / n - mean_mu * mean_mu  # Cov_x(E_q[z_u]) per unit
+        active = (var_mu > active_unit_threshold).sum(1).tolist()
+        return NLLResult(count=n, neg_elbo=neg_elbo, neg_elbo_se=neg_elbo_se, nll=nll, nll_se=nll_se,
+                         recon_nll=s[5].item() / n, kl_per_layer=(s[6:head] / n).tolist(),
+                         active_units_per_layer=[int(a) for a in active], units_per_layer=units,
+                         active_unit_threshold=active_unit_threshold, **fields)
+
+
+def _add_batch(model, x: torch.Tensor, seed: int, iw_samples: int, iw_chunk: int, sums: _Sums) -> None:
+    """One loader batch, ``max(1, iw_chunk // iw_samples)`` images per pass, each with its own generator."""
+    device = sums.t.device
+    seeds = [image_seed(seed, x[i]) for i in range(x.shape[0])]
+    x = x.to(device)
+    chunk = min(iw_chunk, iw_samples)  # one pass holds at most max(iw_chunk, 1 image) samples
+    per_pass = max(1, iw_chunk // iw_samples)
+    for a in range(0, x.shape[0], per_pass):
+        xs, group = x[a:a + per_pass], seeds[a:a + per_pass]
+        out = model(xs, beta=1.0, generators=_generators(group, device), stats=True)
+        # the same generators again: with K = 1 the IW sample is the ELBO's sample
+        log_px = model.log_likelihood(xs, num_samples=iw_samples, chunk=chunk, generators=_generators(group, device))
+        sums.add(out, log_px)
+
+
+def _progress_bar(show: bool, total: Optional[int], iw_samples: int, world: int):
+    if not show:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=f"eval K={iw_samples}" + (f" (rank 0 of {world})" if world > 1 else ""),
+                unit="img", dynamic_ncols=True)
+
+
 @torch.no_grad()
 def evaluate_nll(model, batches: Iterable, *, iw_samples: int, iw_chunk: int, seed: int = 0,
                  expected_count: Optional[int] = None, progress: bool = False, progress_total: Optional[int] = None,
@@ -246,83 +245,31 @@ def evaluate_nll(model, batches: Iterable, *, iw_samples: int, iw_chunk: int, se
     Bernoulli model, k/255 for a logistic mixture).  When ``torch.distributed`` is initialised, the
     sums of all ranks are combined, and every rank returns the same result.  ``expected_count``: the
     number of images over all ranks (e.g. the manifest's); a different total raises RuntimeError.
+    Active units are read off the posterior means the model returns (``model(x, stats=True)``).
     """
     if iw_samples < 1:
         raise ValueError(f"iw_samples (eval.iw_samples) must be >= 1, got {iw_samples}")
     if iw_chunk < 1:
         raise ValueError(f"iw_chunk (eval.iw_chunk) must be >= 1, got {iw_chunk}")
-    cfg = model.cfg
-    device = next(model.parameters()).device
-    distributed = dist.is_available() and dist.is_initialized()
-    rank = dist.get_rank() if distributed else 0
-    world = dist.get_world_size() if distributed else 1
-    L = cfg.num_layers
-    hw = cfg.padded_size // 2
-    units = cfg.latent_channels * hw * hw
-    # [count, sum -elbo, sum -elbo^2, sum nll, sum nll^2, sum recon, kl per layer (L),
-    #  posterior-mean sums (L * units), posterior-mean square sums (L * units)]
-    head = 6 + L
-    sums = torch.zeros(head + 2 * L * units, dtype=torch.float64, device=device)
-    mu_sum = sums[head:head + L * units].view(L, units)
-    mu_sq = sums[head + L * units:].view(L, units)
-
-    bar = None
-    if progress and rank == 0:
-        from tqdm import tqdm
-
-        bar = tqdm(total=progress_total, desc=f"eval K={iw_samples}" + (f" (rank 0 of {world})" if world > 1 else ""),
-                   unit="img", dynamic_ncols=True)
+    rank, world = D.rank_and_world_size()
+    sums = _Sums(model.cfg, next(model.parameters()).device)
+    bar = _progress_bar(progress and rank == 0, progress_total, iw_samples, world)
     started = time.perf_counter()
-    # one forward pass holds at most max(iw_chunk, 1 image) samples: small K batches several images
-    chunk = min(iw_chunk, iw_samples)
-    per_pass = max(1, iw_chunk // iw_samples)
-    with _training_mode(model), PosteriorCapture(model) as capture:
+    with _training_mode(model):
         for batch in batches:
-            x = check_images(_images_of(batch), cfg)
-            seeds = [image_seed(seed, x[i]) for i in range(x.shape[0])]
-            x = x.to(device)
-            for a in range(0, x.shape[0], per_pass):
-                xs, group = x[a:a + per_pass], seeds[a:a + per_pass]
-                capture.clear()
-                out = model(xs, beta=1.0, generators=_generators(group, device))
-                means = torch.stack([q.mu.flatten(1) for q, _ in capture.distributions()], dim=1).double()
-                # the same generators again: with K = 1 the IW sample is the ELBO's sample
-                log_px = model.log_likelihood(xs, num_samples=iw_samples, chunk=chunk,
-                                              generators=_generators(group, device))
-                ne = out.neg_elbo.double()
-                nll = -log_px.double()
-                sums[0] += xs.shape[0]
-                sums[1] += ne.sum()
-                sums[2] += (ne * ne).sum()
-                sums[3] += nll.sum()
-                sums[4] += (nll * nll).sum()
-                sums[5] += out.recon_nll.double().sum()
-                sums[6:6 + L] += out.kl.double().sum(0)
-                mu_sum += means.sum(0)
-                mu_sq += (means * means).sum(0)
+            x = check_images(_images_of(batch), model.cfg)
+            _add_batch(model, x, seed, iw_samples, iw_chunk, sums)
             if bar is not None:
                 bar.update(x.shape[0])
     if bar is not None:
         bar.close()
-    if distributed and world > 1:
-        dist.all_reduce(sums, op=dist.ReduceOp.SUM)
-    s = sums.cpu()
-    n = int(round(s[0].item()))
+    D.all_reduce(sums.t)
+    n = int(round(sums.t[0].item()))
     if expected_count is not None and n != expected_count:
         raise RuntimeError(f"evaluated {n} images over {world} rank(s) but the split holds {expected_count}: "
                            "every test image must be evaluated exactly once")
     if n == 0:
         raise RuntimeError("no images to evaluate: the data is empty")
-    neg_elbo, neg_elbo_se = _mean_se(s[1].item(), s[2].item(), n)
-    nll, nll_se = _mean_se(s[3].item(), s[4].item(), n)
-    mean_mu = s[head:head + L * units].view(L, units) / n
-    var_mu = s[head + L * units:].view(L, units) / n - mean_mu * mean_mu  # Cov_x(E_q[z_u]) per unit
-    active = (var_mu > active_unit_threshold).sum(1).tolist()
-    return NLLResult(
-        count=n, num_dims=model.num_dims, iw_samples=iw_samples,
-        neg_elbo=neg_elbo, neg_elbo_se=neg_elbo_se, nll=nll, nll_se=nll_se,
-        recon_nll=s[5].item() / n, kl_per_layer=(s[6:6 + L] / n).tolist(),
-        active_units_per_layer=[int(a) for a in active], units_per_layer=units,
-        active_unit_threshold=active_unit_threshold, active_layer_kl=active_layer_kl,
-        world_size=world, seed=seed, seconds=time.perf_counter() - started,
-    )
+    return sums.result(n, active_unit_threshold, num_dims=model.num_dims, iw_samples=iw_samples,
+                       active_layer_kl=active_layer_kl, world_size=world, seed=seed,
+                       seconds=time.perf_counter() - started)

@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -28,10 +28,10 @@ def bound(x: torch.Tensor, low: float, high: float) -> torch.Tensor:
     return low + (high - low) * (3 * t * t - 2 * t * t * t)
 
 
-@dataclass
-class DiagGaussian:
+class DiagGaussian(NamedTuple):
     """A diagonal Gaussian over a latent tensor; ``raw_mu``/``raw_log_sigma`` are kept for the
-    residual parameterisation of the posterior."""
+    residual parameterisation of the posterior.  A named tuple of tensors, so that wrappers which
+    look for tensors inside outputs (DeepSpeed ZeRO-3) see them in ``AttentiveVAE(..., stats=True)``."""
 
     raw_mu: torch.Tensor
     raw_log_sigma: torch.Tensor
@@ -48,6 +48,9 @@ class DiagGaussian:
     def standard(cls, like: torch.Tensor) -> "DiagGaussian":
         zeros = torch.zeros_like(like)
         return cls(zeros, zeros, zeros, torch.ones_like(like))
+
+    def detach(self) -> "DiagGaussian":
+        return DiagGaussian(*(t.detach() for t in self))
 
     def sample(self, temperature: float = 1.0, eps: torch.Tensor | None = None) -> torch.Tensor:
         """``mu + temperature * sigma * eps``; ``eps`` standard normal noise, drawn here if not given."""

