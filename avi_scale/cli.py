@@ -24,6 +24,8 @@ import os
 import sys
 from typing import Optional, Sequence
 
+from avi_scale import version
+
 
 def _train_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -31,7 +33,8 @@ def _train_parser() -> argparse.ArgumentParser:
         description="Train an attentive hierarchical VAE with DeepSpeed (one process per rank).",
         epilog="Example: avi-train configs/tiny_mnist5k.yaml train.steps=50 deepspeed.zero_stage=2",
     )
-    p.add_argument("config", help="experiment YAML (see configs/)")
+    p.add_argument("config", help="experiment YAML, or a packaged config's name (e.g. cifar10_attentive; see configs/)")
+    p.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="dotlist overrides applied after the YAML, e.g. model.num_layers=8")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")

@@ -18,6 +18,8 @@ import shlex
 import sys
 from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
+from avi_scale import version
+
 if TYPE_CHECKING:
     from data_tools.sources import Source
 
@@ -47,6 +49,7 @@ def _output_options(parser: argparse.ArgumentParser, shard_samples: Optional[int
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="avi-shards", description=__doc__.split("\n\n")[0],
                                      epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("cifar10", help="CIFAR-10 python pickle batches (directory or .tar.gz; read by an "

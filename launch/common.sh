@@ -13,7 +13,9 @@ avi_usage() {
 
 avi_need_config() {
   [ $# -ge 1 ] || avi_usage "missing the experiment config"
-  [ -f "$1" ] || avi_usage "config file not found: $1"
+  case "$1" in  # a bare name (cifar10_attentive) is a packaged config: the check resolves it
+    */* | *.yaml | *.yml) [ -f "$1" ] || avi_usage "config file not found: $1" ;;
+  esac
 }
 
 # GPUs on this node (0 without nvidia-smi)

@@ -33,6 +33,30 @@ Overrides = Union[Sequence[str], Mapping[str, Any]]
 # config is read back (from_dict), rejected as unknown in files a user writes
 RETIRED_KEYS = ("deepspeed.fp16_initial_scale_power", "deepspeed.fp16_loss_scale_window")
 _SPACE = "tune.search_space"
+# the configs shipped inside the package (the repository's configs/ links here): addressable by name
+PACKAGED_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+def packaged_configs() -> dict[str, Path]:
+    """Packaged config names (``cifar10_attentive``, ``search/cifar10_depth_study``, ...) -> their files."""
+    return {str(f.relative_to(PACKAGED_DIR).with_suffix("")): f for f in sorted(PACKAGED_DIR.rglob("*.yaml"))}
+
+
+def resolve_config(name_or_path: str | Path, kind: str = "config") -> Path:
+    """A config file path as given, else a packaged config by name: ``cifar10_attentive`` (or
+    ``search/tiny_mnist5k_depth_lr``; a name unique among the sub-folders may omit the folder)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    name = str(name_or_path).removesuffix(".yaml")
+    shipped = packaged_configs()
+    matches = [shipped[name]] if name in shipped else [f for n, f in shipped.items() if n.rsplit("/", 1)[-1] == name]
+    if len(matches) == 1:
+        return matches[0]
+    if len(matches) > 1:
+        raise ConfigError(f"{kind} name {name!r} is ambiguous: {', '.join(map(str, matches))}; give its folder")
+    raise ConfigError(f"{kind} file not found: {name_or_path} (nor a packaged config; those are: "
+                      f"{', '.join(shipped)})")
 
 
 def _config_error(exc: OmegaConfBaseException) -> ConfigError:
@@ -68,8 +92,8 @@ def _has_space(conf: DictConfig) -> bool:
 
 def yaml_layers(path: Path, kind: str = "config", chain: tuple[Path, ...] = ()) -> list[tuple[Path, DictConfig]]:
     """The YAML layers of ``path``: its ``base:`` chain first (each relative to its own file), then itself."""
-    if not chain and not path.is_file():
-        raise ConfigError(f"{kind} file not found: {path}")
+    if not chain:
+        path = resolve_config(path, kind)
     resolved = path.resolve()
     if resolved in chain:
         raise ConfigError(f"{path}: the base: chain comes back to this file ({' -> '.join(map(str, chain))})")
@@ -151,8 +175,8 @@ def _build(conf: DictConfig, sources: Sequence[str]) -> ExperimentConfig:
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), *,
                 kind: str = "config") -> ExperimentConfig:
-    """Defaults <- YAML (after its ``base:`` chain) <- dotlist overrides, checked; ``kind`` names the file
-    in messages ("config", "search").  Raises :class:`ConfigError` naming the key or the file."""
+    """Defaults <- YAML (after its ``base:`` chain) <- dotlist overrides, checked.  ``path`` is a file or
+    a packaged config's name (:func:`resolve_config`); ``kind`` names the file in messages ("config", "search").  Raises :class:`ConfigError` naming the key or the file."""
     conf: DictConfig = OmegaConf.create({})
     sources: list[str] = []
     try:

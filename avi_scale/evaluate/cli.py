@@ -22,6 +22,8 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from avi_scale import version
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -31,6 +33,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog="Examples: avi-eval nll runs/mnist -K 1000 --iw-chunk 250;  "
                "torchrun --nproc_per_node=4 -m avi_scale.evaluate.cli nll runs/mnist/final/model.pt --data data/mnist;  "
                "avi-eval report runs/mnist --out runs/mnist/report")
+    p.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = p.add_subparsers(dest="command", required=True, metavar="{nll,figures,report,compare}")
 
     def common(sp: argparse.ArgumentParser, out_required: bool) -> None:

@@ -13,6 +13,8 @@ import shlex
 import sys
 from typing import Optional, Sequence
 
+from avi_scale import version
+
 EPILOG = """examples:
   avi-tune configs/search/tiny_mnist5k_depth_lr.yaml
   avi-tune configs/search/tiny_mnist5k_depth_lr.yaml tune.num_samples=4 tune.storage=/scratch/tune
@@ -30,7 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="avi-tune", description="Ray Tune search over avi-scale configs; each trial is an engine training run.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("search", help="search YAML (see configs/search/)")
+    p.add_argument("search", help="search YAML, or a packaged search's name (e.g. tiny_mnist5k_depth_lr; see configs/search/)")
+    p.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="dotlist overrides applied after the YAML, e.g. tune.num_samples=8 train.steps=2000")
     p.add_argument("--resume", action="store_true",
