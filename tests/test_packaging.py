@@ -67,3 +67,11 @@ def test_wheel_in_a_fresh_venv_runs_the_main_job_with_packaged_configs(wheel_ven
     assert (out / "final" / "model.pt").is_file()
     final = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
     assert final["kind"] == "final" and final["step"] == 2
+    # the shared export (model.safetensors + config.yaml) loads by itself and through avi-eval
+    shared = out / "final"
+    params = _run([bin_ / "python", "-c", "import sys; from avi_scale.model import AttentiveVAE, count_parameters; "
+                   "print(count_parameters(AttentiveVAE.from_pretrained(sys.argv[1])))", shared], cwd=tmp_path)
+    assert int(params.stdout) == final["num_parameters"]
+    _run([bin_ / "avi-eval", "nll", shared, "--data", tmp_path / "data", "--split", "val", "-K", "2",
+          "--out", tmp_path / "eval", "--no-progress"], cwd=tmp_path, timeout=600)
+    assert json.loads((tmp_path / "eval" / "nll.json").read_text())["count"] == 500  # the 10% held out

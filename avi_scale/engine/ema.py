@@ -117,3 +117,12 @@ class EMA:
                 else:
                     s.copy_(full.view_as(s))
         self.num_updates = num_updates
+
+    def state_dict(self) -> dict:
+        """``{"state_dict": full fp32 averages, "num_updates", "decay"}`` for the checkpoint's client state
+        (the averages on rank 0 only under ZeRO-3; every rank must call it)."""
+        return {"state_dict": self.full_state_dict(), "num_updates": self.num_updates, "decay": self.decay}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Take this rank's share of a :meth:`state_dict` (from any world size)."""
+        self.load_full_state_dict(state["state_dict"], state["num_updates"])

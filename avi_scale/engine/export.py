@@ -1,7 +1,9 @@
 """The consolidated fp32 export of a checkpoint, and the one reader of a trained model.
 
 Writing: :func:`export_consolidated` turns a DeepSpeed checkpoint tag (any ZeRO stage) into one
-``final/model.pt`` file, ``{"state_dict", "ema_state_dict", "config", "step"}`` (fp32, CPU).
+``final/model.pt`` file, ``{"state_dict", "ema_state_dict", "config", "step"}`` (fp32, CPU; what resume
+paths and the tests use), and beside it the export users share: ``model.safetensors`` (the EMA weights
+with the BatchNorm statistics, no pickle) and ``config.yaml`` (:mod:`avi_scale.model.pretrained`).
 
 Reading: :func:`load_model` is the one reader, for the engine, ``avi-eval`` and Ray Tune alike.  It takes
 
@@ -11,6 +13,7 @@ Reading: :func:`load_model` is the one reader, for the engine, ``avi-eval`` and 
 * a **DeepSpeed checkpoint directory** (``latest``, ``stepNNNNNNNN/`` tags) or one **tag directory**:
   consolidated by :func:`consolidated_state_dict` (``zero_to_fp32`` for ZeRO 1-3); the EMA weights come
   from our client state;
+* an **export folder** (``model.safetensors`` + ``config.yaml``, e.g. ``final/``);
 * an **export file**, or a bare state dict (its config then comes from ``config_path`` or a
   ``config.yaml`` beside the file or one folder up).
 
@@ -32,6 +35,7 @@ import torch
 
 from avi_scale.engine.checkpoint import CLIENT_KEY, UnsafeCheckpointError, resolve, safe_load, tag_step, \
     verify_checkpoint_files
+from avi_scale.model.pretrained import is_pretrained_dir
 
 EXPORT_NAME = Path("final") / "model.pt"
 _MODEL_STATES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
@@ -90,7 +94,8 @@ def export_consolidated(tag_dir: str | Path, out_path: str | Path) -> Path:
     """Write ``{"state_dict", "ema_state_dict", "config", "step"}`` (fp32, CPU) to ``out_path``.
 
     ``ema_state_dict`` holds the EMA parameters with the model's buffers (BatchNorm statistics),
-    so both dicts load strictly into a plain model.
+    so both dicts load strictly into a plain model.  ``model.safetensors`` and ``config.yaml`` (the
+    shared export) are written into the same folder.
     """
     sd, client = consolidated_state_dict(tag_dir)
     ema_sd = _with_ema(sd, client["ema"]["state_dict"])
@@ -99,6 +104,11 @@ def export_consolidated(tag_dir: str | Path, out_path: str | Path) -> Path:
     tmp = out_path.with_name(out_path.name + ".tmp")
     torch.save({"state_dict": sd, "ema_state_dict": ema_sd, "config": client["config"], "step": client["step"]}, tmp)
     os.replace(tmp, out_path)
+    from avi_scale.config import from_dict, to_yaml
+    from avi_scale.model.pretrained import save_pretrained
+
+    save_pretrained(ema_sd, to_yaml(from_dict(client["config"])), out_path.parent,
+                    {"format": "avi-scale", "weights": "ema", "step": client["step"]})
     return out_path
 
 
@@ -108,7 +118,7 @@ class LoadedModel:
     model: torch.nn.Module  # AttentiveVAE in eval mode, on CPU
     cfg: Any  # the ExperimentConfig the weights were trained with (or config_path's)
     source: Path  # the file or tag directory the weights came from
-    kind: str  # "export" | "deepspeed" | "state_dict"
+    kind: str  # "export" | "safetensors" | "deepspeed" | "state_dict"
     weights: str  # "ema" | "raw"
     step: Optional[int]
     run_dir: Optional[Path]  # where config.yaml / metrics.jsonl live, when known
@@ -215,6 +225,28 @@ def _from_deepspeed(tag_dir: Path, use_ema: bool, config_path: Optional[Path]) -
                        int(step) if isinstance(step, int) else None, run_dir)
 
 
+def _from_pretrained(folder: Path, use_ema: bool, config_path: Optional[Path]) -> LoadedModel:
+    """An export folder: its weights are the EMA ones the run was evaluated with (``raw`` weights are only
+    in ``model.pt`` and the DeepSpeed checkpoints)."""
+    from avi_scale.model import AttentiveVAE
+    from avi_scale.model.pretrained import PretrainedError, load_into, load_pretrained
+
+    try:
+        state, cfg, meta = load_pretrained(folder)
+        if config_path is not None:
+            cfg = _config(config_path, None, folder, "")
+        model = load_into(AttentiveVAE(cfg.model), state, folder).eval()
+    except PretrainedError as exc:
+        raise CheckpointError(str(exc)) from None
+    weights = meta.get("weights", "ema")
+    if not use_ema and weights == "ema":
+        raise CheckpointError(f"{folder} holds the EMA weights only (model.safetensors); the raw weights are in "
+                              f"{folder / 'model.pt'} or the run's DeepSpeed checkpoints")
+    step = meta.get("step", "")
+    run_dir = folder.parent if (folder.parent / "config.yaml").is_file() and folder.name == "final" else None
+    return LoadedModel(model, cfg, folder, "safetensors", weights, int(step) if step.isdigit() else None, run_dir)
+
+
 def _from_run_dir(run: Path, use_ema: bool, config_path: Optional[Path]) -> LoadedModel:
     """The newer of ``final/model.pt`` and the latest complete DeepSpeed checkpoint of a run directory."""
     from avi_scale.config import load_config
@@ -250,6 +282,8 @@ def load_model(path: str | Path, use_ema: bool = True, config_path: str | Path |
     if not path.is_dir():
         raise CheckpointError(f"checkpoint not found: {path} (give a run directory, a DeepSpeed checkpoint "
                               "directory or tag, or a consolidated .pt file)")
+    if is_pretrained_dir(path):
+        return _from_pretrained(path, use_ema, config_path)
     if (path / "config.yaml").is_file():
         return _from_run_dir(path, use_ema, config_path)
     tag = resolve(path)

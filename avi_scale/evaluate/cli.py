@@ -37,7 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="{nll,figures,report,compare}")
 
     def common(sp: argparse.ArgumentParser, out_required: bool) -> None:
-        sp.add_argument("checkpoint", help="run directory, DeepSpeed checkpoint directory/tag, or consolidated .pt file")
+        sp.add_argument("checkpoint", help="run directory, export folder (model.safetensors + config.yaml), "
+                                           "DeepSpeed checkpoint directory/tag, or consolidated .pt file")
         sp.add_argument("overrides", nargs="*", metavar="key=value",
                         help="config overrides on top of the checkpoint's config (eval.*, data.*, train.device)")
         sp.add_argument("--out", type=Path, required=out_required,

@@ -70,6 +70,15 @@ class AttentiveVAE(nn.Module):
     inside, and the pad is cropped out of the likelihood.
     """
 
+    @classmethod
+    def from_pretrained(cls, path) -> "AttentiveVAE":
+        """The model of an export folder (``model.safetensors`` + ``config.yaml``, as ``avi-train`` writes to
+        ``<output_dir>/final/``), in eval mode on the CPU; see :mod:`avi_scale.model.pretrained`."""
+        from .pretrained import load_into, load_pretrained
+
+        state, cfg, _ = load_pretrained(path)
+        return load_into(cls(cfg.model), state, path).eval()
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
