@@ -111,7 +111,11 @@ def _check_data(cfg, world: int) -> list[str]:
 
 
 def _check(cfg, world: int) -> int:
-    """``--check``: data and output directories; quiet on success (the launch scripts' stdout stays theirs)."""
+    """``--check``: data, output directories and the DeepSpeed JSON (with ``deepspeed.extra``); quiet on
+    success (the launch scripts' stdout stays theirs)."""
+    from avi_scale.engine.deepspeed_config import build_ds_config
+
+    build_ds_config(cfg, world)
     _check_data(cfg, world)
     problems = _output_problems(cfg)
     if problems:
@@ -124,7 +128,7 @@ def _check(cfg, world: int) -> int:
 def _dry_run(cfg, world: int) -> int:
     """What the run would be, without starting it.  Raises on unreadable data or a shape mismatch."""
     from avi_scale.engine.deepspeed_config import build_ds_config
-    from avi_scale.engine.metrics import count_flops
+    from avi_scale.model.flops import count_flops
     from avi_scale.model import AttentiveVAE, count_parameters
 
     m = cfg.model

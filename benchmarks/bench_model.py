@@ -11,8 +11,9 @@ machine's measured ceiling, see bench_ceiling.py) and peak memory per step; writ
 Variants: ``attentive`` (the config), ``local`` (depth-wise attention off), ``nvae`` (depth-wise
 attention and non-local blocks off: the official code's NVAE mode), ``unfused`` (non-local blocks on
 SDPA's unfused math path), ``channels_last``, ``compile`` (torch.compile), ``ckpt`` (activation
-checkpointing).  FLOPs are counted exactly from the model with ``FlopCounterMode`` (convolutions,
-matmuls and attention at their true widths; forward and backward).  Peak memory: CUDA's peak allocated
+checkpointing).  FLOPs per image are the model's, counted by :func:`avi_scale.model.flops.count_flops`
+(torch's ``FlopCounterMode`` on a fresh CPU model: convolutions, matmuls and attention at their true widths,
+forward and backward; the ``ckpt`` variant's recomputation is not model FLOPs).  Peak memory: CUDA's peak allocated
 bytes; on CPU the growth of the peak resident set of a fresh process over one step (``--memory``).
 """
 
@@ -26,11 +27,11 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from avi_scale.config import load_config  # noqa: E402
 from avi_scale.model import AttentiveVAE, count_parameters  # noqa: E402
+from avi_scale.model.flops import count_flops  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 # issue 8's "small configuration" of the official code: 4 layers of 20x16x16, 32 filters, 2 blocks per
@@ -65,22 +66,6 @@ def make_batch(cfg, batch: int, device: str, channels_last: bool) -> torch.Tenso
     if m.likelihood == "bernoulli":
         x = (x > 0.5).float()
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
-
-
-def count_flops(model, x) -> float:
-    """FLOPs of one forward + backward on batch ``x``, attention at its true (unpadded) widths."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    from avi_scale.model.layers import NonLocalBlock
-
-    pad, NonLocalBlock.pad_for_fused_kernels = NonLocalBlock.pad_for_fused_kernels, False
-    try:
-        with FlopCounterMode(display=False) as counter, sdpa_kernel([SDPBackend.MATH]):
-            model(x).loss.backward()
-    finally:
-        NonLocalBlock.pad_for_fused_kernels = pad
-    model.zero_grad(set_to_none=True)
-    return float(counter.get_total_flops())
 
 
 def cpu_peak_step_mb(config: str, overrides: list[str], batch: int, channels_last: bool, unfused: bool) -> float:
@@ -139,7 +124,7 @@ def main(argv=None) -> int:
         cl = v == "channels_last"
         cfg, model = build(config, ov, args.device, cl)
         x = make_batch(cfg, args.batch, args.device, cl)
-        flops = count_flops(model, x)
+        flops = count_flops(cfg.model)["train_per_image"] * args.batch  # one training step of the batch
         step_model = torch.compile(model) if v == "compile" else model
         opt = torch.optim.Adamax(model.parameters(), lr=1e-3, eps=1e-3)
 

@@ -31,7 +31,7 @@ from avi_scale.engine import TrainingDiverged, load_exported, train
 from avi_scale.engine.checkpoint import consolidated_state_dict, resolve
 from avi_scale.engine.deepspeed_config import build_ds_config
 from avi_scale.engine.distributed import free_port
-from avi_scale.engine.loop import noise_seed
+from avi_scale.engine import noise_seed
 from avi_scale.engine.schedule import kl_beta, learning_rate
 
 from helpers import REPO, launch_env, metric_rows

@@ -238,6 +238,9 @@ class DeepSpeedConfig:
     stage3_max_live_parameters: int = 1_000_000_000
     pin_memory: bool = False  # pinned host buffers for offloaded optimizer/parameters (GPU runs)
     load_universal: bool = False  # resume from a universal checkpoint (ds_to_universal.py) at another world size
+    # DeepSpeed JSON sections of your own (flops_profiler, comms_logger, monitor, aio, ...), merged into the
+    # derived JSON; a key the config derives is an error naming both (avi_scale/engine/deepspeed_config.py)
+    extra: dict[str, Any] = field(default_factory=dict)
 
     def check(self) -> None:
         require(self.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", "must be 0, 1, 2 or 3")
@@ -245,6 +248,8 @@ class DeepSpeedConfig:
                 "needs deepspeed.zero_stage=3")
         require(not (self.offload_optimizer and self.zero_stage == 0), "deepspeed.offload_optimizer",
                 "needs deepspeed.zero_stage >= 1")
+        bad = [k for k in self.extra if not isinstance(k, str) or not k]
+        require(not bad, "deepspeed.extra", f"keys must be DeepSpeed JSON section names, got {bad}")
 
 
 @dataclass

@@ -4,11 +4,60 @@ Every number DeepSpeed would otherwise default is written out, ``gradient_clippi
 (DeepSpeed 0.19 defaults it to 1.0 and clips silently).  The optimizer is not in the JSON: the
 engine passes a torch optimizer (Adamax / AdamW) to ``deepspeed.initialize``, which avoids
 compiling FusedAdam and keeps the same optimizer on CPU and GPU.
+
+``deepspeed.extra`` carries DeepSpeed sections of the user's own (``flops_profiler``, ``comms_logger``,
+``monitor``, ``aio``, ...): merged in key by key; setting a key the config derives to another value is a
+:class:`ConfigError` naming the extra key and the config key it comes from.  The merged JSON is what the
+engine passes to DeepSpeed and saves as ``<output_dir>/ds_config.json``.
 """
 
 from __future__ import annotations
 
-from avi_scale.config import ExperimentConfig
+from typing import Any
+
+from avi_scale.config import ConfigError, ExperimentConfig
+
+# where the derived values come from, for the message of a conflicting deepspeed.extra key
+_SOURCES = {
+    "train_batch_size": "train.micro_batch_size x train.gradient_accumulation_steps x the world size",
+    "train_micro_batch_size_per_gpu": "train.micro_batch_size",
+    "gradient_accumulation_steps": "train.gradient_accumulation_steps",
+    "gradient_clipping": "optim.gradient_clipping",
+    "zero_optimization.stage": "deepspeed.zero_stage",
+    "zero_optimization.overlap_comm": "deepspeed.overlap_comm",
+    "zero_optimization.contiguous_gradients": "deepspeed.contiguous_gradients",
+    "zero_optimization.reduce_bucket_size": "deepspeed.reduce_bucket_size",
+    "zero_optimization.allgather_bucket_size": "deepspeed.allgather_bucket_size",
+    "zero_optimization.stage3_prefetch_bucket_size": "deepspeed.stage3_prefetch_bucket_size",
+    "zero_optimization.stage3_max_live_parameters": "deepspeed.stage3_max_live_parameters",
+    "zero_optimization.offload_optimizer": "deepspeed.offload_optimizer",
+    "zero_optimization.offload_param": "deepspeed.offload_param",
+    "torch_autocast": "train.precision",
+    "bf16": "train.precision",
+    "fp16": "train.precision",
+    "checkpoint.load_universal": "deepspeed.load_universal",
+}
+
+
+def _source(path: str) -> str:
+    for key in sorted(_SOURCES, key=len, reverse=True):
+        if path == key or path.startswith(key + "."):
+            return f"which the config derives from {_SOURCES[key]}: set that instead, or drop the extra key"
+    return "which the engine sets itself (avi_scale/engine/deepspeed_config.py says why): drop the extra key"
+
+
+def merge_extra(derived: dict, extra: dict[str, Any], prefix: str = "") -> dict:
+    """``derived`` with ``extra`` merged in key by key; a leaf that ``derived`` sets differently raises."""
+    out = dict(derived)
+    for key, value in extra.items():
+        path = f"{prefix}{key}"
+        if key not in out:
+            out[key] = value
+        elif isinstance(out[key], dict) and isinstance(value, dict):
+            out[key] = merge_extra(out[key], value, path + ".")
+        elif out[key] != value:
+            raise ConfigError(f"deepspeed.extra.{path}={value!r} conflicts with {out[key]!r}, {_source(path)}")
+    return out
 
 
 def build_ds_config(cfg: ExperimentConfig, world_size: int) -> dict:
@@ -38,7 +87,7 @@ def build_ds_config(cfg: ExperimentConfig, world_size: int) -> dict:
     if ds.offload_param:
         zero["offload_param"] = {"device": "cpu", "pin_memory": ds.pin_memory}
 
-    return {
+    derived = {
         "train_batch_size": t.micro_batch_size * t.gradient_accumulation_steps * world_size,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.gradient_accumulation_steps,
@@ -62,3 +111,4 @@ def build_ds_config(cfg: ExperimentConfig, world_size: int) -> dict:
         "wall_clock_breakdown": False,
         "dump_state": False,
     }
+    return merge_extra(derived, ds.extra)

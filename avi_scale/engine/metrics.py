@@ -1,5 +1,6 @@
-"""What rank 0 writes: ``metrics.jsonl``, TensorBoard scalars and images, a progress bar, PNG grids;
-and the measurements behind them (peak memory, counted FLOPs, MFU).
+"""What rank 0 writes: ``metrics.jsonl``, TensorBoard scalars and images, a progress bar; and the
+measurements behind them (memory in use and at peak, model state per rank, the device peak for MFU; the
+FLOPs are counted by :func:`avi_scale.model.flops.count_flops`).
 
 ``metrics.jsonl`` holds one JSON object per line with a ``kind``:
 
@@ -16,7 +17,6 @@ and the measurements behind them (peak memory, counted FLOPs, MFU).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import resource
@@ -26,7 +26,6 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
-from torch.overrides import TorchFunctionMode
 
 # Dense peak TFLOP/s per device for the MFU estimate, by (name fragment, precision).
 _PEAK_TFLOPS = {
@@ -53,44 +52,6 @@ def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
-
-
-class _ForwardFlops(TorchFunctionMode):
-    """Counts the multiply-adds (x2) of convolutions, linear maps, matmuls, einsums and
-    scaled-dot-product attention while active; elementwise ops are not counted."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.flops = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        name = getattr(func, "__name__", "")
-        if name in ("conv2d", "conv1d", "conv3d", "conv_transpose2d"):
-            weight = args[1] if len(args) > 1 else kwargs["weight"]
-            self.flops += 2 * out.numel() * weight[0].numel()
-        elif name == "linear":
-            weight = args[1] if len(args) > 1 else kwargs["weight"]
-            self.flops += 2 * out.numel() * weight.shape[-1]
-        elif name in ("matmul", "bmm", "mm", "__matmul__"):
-            self.flops += 2 * out.numel() * args[0].shape[-1]
-        elif name == "einsum":
-            self.flops += _einsum_flops(args[0], args[1:] if len(args) > 2 or not isinstance(args[1], (list, tuple)) else args[1])
-        elif name == "scaled_dot_product_attention":
-            q, k, v = args[:3]
-            self.flops += 2 * (q.numel() // q.shape[-1]) * k.shape[-2] * (q.shape[-1] + v.shape[-1])
-        return out
-
-
-def _einsum_flops(equation: str, operands) -> int:
-    """2 x the product of the sizes of every index letter (one multiply-add per combination)."""
-    inputs = equation.replace(" ", "").split("->")[0].split(",")
-    sizes: dict[str, int] = {}
-    for letters, op in zip(inputs, operands):
-        for letter, n in zip(letters, op.shape):
-            sizes[letter] = n
-    return 2 * math.prod(sizes.values())
 
 
 def current_memory_mb(device: torch.device) -> float:
@@ -130,23 +91,6 @@ def model_state_mb(module: torch.nn.Module, optimizer: torch.optim.Optimizer) ->
         for v in state.values():
             add(v)
     return total / 2**20
-
-
-def count_flops(model_cfg: Any, batch: int = 2) -> dict[str, float]:
-    """Model FLOPs per image: the forward pass counted op by op on a fresh CPU model, a training
-    step estimated as 3x the forward (backward ~ 2x forward; activation recomputation is not
-    model FLOPs and is left out)."""
-    from avi_scale.model import AttentiveVAE
-
-    model = AttentiveVAE(dataclasses.replace(model_cfg, activation_checkpointing=False))
-    x = torch.rand(batch, model_cfg.image_channels, model_cfg.image_size, model_cfg.image_size)
-    if model_cfg.likelihood == "bernoulli":
-        x = (x > 0.5).float()
-    counter = _ForwardFlops()
-    with torch.no_grad(), counter:
-        model(x, beta=1.0)
-    forward = counter.flops / batch
-    return {"forward_per_image": float(forward), "train_per_image": 3.0 * forward}
 
 
 # -- the writer (rank 0 only) ------------------------------------------------------------------------

@@ -20,7 +20,7 @@ metrics.jsonl):
 A fault may also hold ``"when": {"optim.lr": 0.005}``: it applies only to runs whose config has those
 values (e.g. one trial of a Ray Tune search, whose processes all inherit the environment).
 
-The product code is not changed: the faults are patched into ``avi_scale.engine.loop._Run`` (and
+The product code is not changed: the faults are patched into ``avi_scale.engine.trainer.Trainer`` (and
 ``torch.save``) by an import hook when that module is first imported.
 """
 
@@ -66,7 +66,7 @@ def _patch(loop) -> None:
     mine = [f for f in _FAULTS if int(f["rank"]) == rank]
     if not mine:
         return
-    real_one_step = loop._Run._one_step
+    real_one_step = loop.Trainer.train_step
 
     def one_step(self, window):
         step = self.step + 1
@@ -99,7 +99,7 @@ def _patch(loop) -> None:
         finally:
             del engine.forward, engine.backward  # back to the class's methods
 
-    loop._Run._one_step = one_step
+    loop.Trainer.train_step = one_step
 
     saves = [f for f in mine if f["kind"] == "pause_in_save"]
     if saves:
@@ -117,9 +117,9 @@ def _patch(loop) -> None:
 
 
 class _AfterImport(importlib.abc.MetaPathFinder):
-    """Patch ``avi_scale.engine.loop`` right after it is executed."""
+    """Patch ``avi_scale.engine.trainer`` right after it is executed."""
 
-    target = "avi_scale.engine.loop"
+    target = "avi_scale.engine.trainer"
 
     def find_spec(self, fullname, path, target=None):
         if fullname != self.target:
