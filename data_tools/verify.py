@@ -3,7 +3,9 @@
 Checks per shard: it can be opened and read to the end as a tar, its sha256 and size match, it holds the
 manifest's number of samples, every sample has exactly a ``png`` and a ``cls`` member under a dot-free
 key, and (unless ``decode=False``) every image decodes to the manifest's shape and every label is an
-integer.  Works on local directories, ``s3://`` and ``http(s)://`` prefixes.
+integer.  Where the manifest names `wids` indexes (``<split>.wids.json``), each must list the split's
+shards with their sample counts, in order.  Works on local directories, ``s3://`` and ``http(s)://``
+prefixes.
 """
 
 from __future__ import annotations
@@ -81,6 +83,30 @@ def verify_shard(url: str, entry: dict, shape: tuple[int, int, int], decode: boo
     return problems
 
 
+def verify_wids_index(url: str, split: str, entries: list[dict]) -> list[str]:
+    """Problems of the `wids` index at ``url`` against the manifest's shard ``entries`` of ``split``."""
+    import json
+
+    from avi_scale.data.errors import DataError
+    from avi_scale.data.openers import open_url
+
+    try:
+        with open_url(url) as stream:
+            index = json.loads(stream.read())
+    except DataError as exc:
+        return [f"wids index of split {split!r}: {exc}"]
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return [f"wids index {url} is not valid JSON: {exc}"]
+    if not isinstance(index, dict) or index.get("wids_version") != 1 or not isinstance(index.get("shardlist"), list):
+        return [f"wids index {url}: not a wids_version 1 description with a 'shardlist'"]
+    listed = [(s.get("url"), s.get("nsamples")) if isinstance(s, dict) else (None, None) for s in index["shardlist"]]
+    expected = [(e["name"], e["count"]) for e in entries]
+    if listed != expected:
+        return [f"wids index {url}: its shardlist {listed[:3]}{'...' if len(listed) > 3 else ''} differs from the "
+                f"manifest's {split!r} shards {expected[:3]}{'...' if len(expected) > 3 else ''}"]
+    return []
+
+
 def verify(location: str, splits: Optional[Iterable[str]] = None, decode: bool = True) -> tuple[list[str], str]:
     """Problems found (empty when all is well) and a one-line summary."""
     from avi_scale.data.errors import DataError
@@ -100,6 +126,9 @@ def verify(location: str, splits: Optional[Iterable[str]] = None, decode: bool =
     problems: list[str] = []
     shards = samples = 0
     for split in wanted:
+        index = manifest.get("wids", {}).get(split)
+        if index:
+            problems += verify_wids_index(join_url(root, index), split, manifest["splits"][split]["shards"])
         for entry in manifest["splits"][split]["shards"]:
             problems += verify_shard(join_url(root, entry["name"]), entry, shape, decode)  # type: ignore[arg-type]
             shards += 1

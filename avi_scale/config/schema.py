@@ -14,6 +14,7 @@ from typing import Any, Optional
 
 NONLOCAL_PLACES = ("preprocess", "encoder", "decoder", "merge", "postprocess")
 LIKELIHOODS = ("bernoulli", "logistic_mixture")
+LOGGING_BACKENDS = ("tensorboard", "csv", "wandb", "mlflow")
 # what the engine reports at each evaluation (and so what a search can optimise)
 TUNE_METRICS = ("val_nll", "val_bpd", "val_neg_elbo", "val_recon_nll", "val_kl",
                 "loss", "neg_elbo", "bpd", "recon_nll", "kl")
@@ -59,6 +60,7 @@ class ModelConfig:
     padded_size: int = 32  # the network runs at this size; the pad is cropped in the likelihood
     likelihood: str = "bernoulli"  # bernoulli | logistic_mixture
     num_mixtures: int = 5  # logistic mixture components
+    num_bits: int = 8  # bits per pixel the logistic mixture models, 1..8 (NVAE's CelebA-HQ 256: 5); = data.num_bits
     num_layers: int = 4  # variational layers L
     num_filters: int = 32  # F: the top-down context carries 2F channels
     latent_channels: int = 20  # C_z
@@ -93,6 +95,11 @@ class ModelConfig:
         require(self.likelihood != "bernoulli" or self.image_channels == 1, "model.likelihood",
                 "bernoulli needs image_channels=1")
         require(self.num_mixtures >= 1, "model.num_mixtures", "must be >= 1")
+        require(isinstance(self.num_bits, int) and 1 <= self.num_bits <= 8, "model.num_bits",
+                f"must be an integer in 1..8 (bits per pixel of the data), got {self.num_bits!r}")
+        require(self.likelihood != "bernoulli" or self.num_bits == 8, "model.num_bits",
+                "must stay 8 with likelihood=bernoulli: binary pixels have no bins (data.binarize draws them "
+                "from the 8-bit grey levels); n-bit data need likelihood=logistic_mixture")
         self.prior_attention.check("model.prior_attention")
         self.posterior_attention.check("model.posterior_attention")
         if self.prior_attention.enabled or self.posterior_attention.enabled:
@@ -121,6 +128,7 @@ class DataConfig:
     test_urls: Optional[str] = None
     binarize: bool = True  # dynamic binarisation (binary sets)
     random_flips: bool = False  # random horizontal flips (natural images)
+    num_bits: int = 8  # quantise images to n bits: k -> floor(k / 2^(8-n)) / (2^n - 1); = model.num_bits
     shuffle_buffer: int = 1000  # samples in each worker's seeded shuffle buffer (0: shard order only)
     num_workers: int = 0  # DataLoader workers per rank (0: read in the training process)
     seed: int = 0  # >= 0; shard order, shuffling, binarisation and flips derive from it
@@ -137,6 +145,10 @@ class DataConfig:
         require(self.shuffle_buffer >= 0, "data.shuffle_buffer", "must be >= 0")
         require(self.num_workers >= 0, "data.num_workers", "must be >= 0")
         require(self.seed >= 0, "data.seed", "must be >= 0")
+        require(isinstance(self.num_bits, int) and 1 <= self.num_bits <= 8, "data.num_bits",
+                f"must be an integer in 1..8 (the shards hold 8-bit images), got {self.num_bits!r}")
+        require(self.num_bits == 8 or not self.binarize, "data.num_bits",
+                "must stay 8 with data.binarize=true (binarisation draws from the 8-bit grey levels)")
         require(self.mode in ("exact", "resampled"), "data.mode", f"{self.mode!r} is not 'exact' or 'resampled'")
         require(self.epoch_batches >= 0, "data.epoch_batches", "must be >= 0 (0: derived from the split size)")
         require(self.epoch_batches == 0 or self.mode == "resampled", "data.epoch_batches", "needs data.mode=resampled")
@@ -253,6 +265,30 @@ class DeepSpeedConfig:
 
 
 @dataclass
+class LoggingConfig:
+    """Where rank 0's metrics go besides ``metrics.jsonl`` (avi_scale/engine/tracking.py).  Secrets (W&B API
+    key, MLflow token or password) come from the environment only, never from here."""
+
+    backends: list[str] = field(default_factory=lambda: ["tensorboard"])  # any of LOGGING_BACKENDS
+    run_name: str = ""  # "" : the config's name (a Tune trial: <search>_<trial id>)
+    group: str = ""  # W&B group / MLflow experiment ("" : W&B none, MLflow the run name); avi-tune: the search
+    wandb_project: str = "avi-scale"
+    wandb_entity: str = ""  # "" : the API key's default entity
+    wandb_mode: str = ""  # online | offline | disabled ("" : WANDB_MODE, else online)
+    mlflow_tracking_uri: str = ""  # "" : MLFLOW_TRACKING_URI, else ./mlruns
+
+    def check(self) -> None:
+        bad = [b for b in self.backends if b not in LOGGING_BACKENDS]
+        require(not bad, "logging.backends", f"unknown backends {bad}; allowed: {list(LOGGING_BACKENDS)}")
+        require(len(set(self.backends)) == len(self.backends), "logging.backends", "names a backend twice")
+        require(self.wandb_mode in ("", "online", "offline", "disabled"), "logging.wandb_mode",
+                "must be online, offline or disabled")
+        require(not _has_userinfo(self.mlflow_tracking_uri), "logging.mlflow_tracking_uri",
+                "must not carry credentials (user:password@host): they would be saved with the run's config; "
+                "set MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN instead")
+
+
+@dataclass
 class EvalConfig:
     iw_samples: int = 100  # K for importance-weighted log p(x)
     iw_chunk: int = 25  # samples evaluated at once (bounds memory)
@@ -348,6 +384,7 @@ class ExperimentConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
 
@@ -358,9 +395,13 @@ class ExperimentConfig:
         """
         self.model.check()
         self.data.check()
+        require(self.data.num_bits == self.model.num_bits, "data.num_bits",
+                f"is {self.data.num_bits} but model.num_bits is {self.model.num_bits}: the loader must quantise the "
+                f"images to the bits the likelihood models; set both (e.g. model.num_bits=5 data.num_bits=5)")
         self.optim.check()
         self.train.check()
         self.deepspeed.check()
+        self.logging.check()
         self.eval.check(self.model.num_layers)
         self.tune.check()
 

@@ -242,7 +242,7 @@ class _Loader:
         self.workers = max(1, data_cfg.num_workers)  # logical workers (0 DataLoader workers = 1 in-process)
         self.skipped = 0  # samples skipped so far (data.skip_corrupt)
         self.transform = Transform(seed=data_cfg.seed, binarize=data_cfg.binarize,
-                                   random_flips=data_cfg.random_flips and self.train)
+                                   random_flips=data_cfg.random_flips and self.train, num_bits=data_cfg.num_bits)
 
     def __len__(self) -> int:
         return self.num_batches

@@ -5,8 +5,8 @@ every rank), its own partition (``param.ds_tensor``) under ZeRO-3.  So the EMA c
 communication per step and, under ZeRO-3, 1/world of the fp32 model per rank.  Evaluation swaps the
 averages into the live weights (into the partitions under ZeRO-3, which the forward hooks then
 gather as usual) and swaps the trained weights back afterwards.  ``full_state_dict`` assembles the
-whole fp32 average on rank 0 for checkpoints, sampling and export; ``load_full_state_dict`` cuts
-it back into this rank's share, so a checkpoint's EMA does not depend on the world size.
+whole fp32 average on rank 0 for sampling and, in ``state_dict``, for checkpoints; ``load_state_dict``
+cuts it back into this rank's share, so a checkpoint's EMA does not depend on the world size.
 """
 
 from __future__ import annotations
@@ -100,15 +100,21 @@ class EMA:
             offset += k
         return out
 
-    def load_full_state_dict(self, state: dict[str, torch.Tensor], num_updates: int) -> None:
-        """Take this rank's share of a full fp32 average (as written by :meth:`full_state_dict`)."""
-        missing = [n for n, _ in self.params if n not in state]
+    def state_dict(self) -> dict:
+        """``{"state_dict": full fp32 averages, "num_updates", "decay"}`` for the checkpoint's client state
+        (the averages on rank 0 only under ZeRO-3; every rank must call it)."""
+        return {"state_dict": self.full_state_dict(), "num_updates": self.num_updates, "decay": self.decay}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Take this rank's share of the full averages of a :meth:`state_dict` (from any world size)."""
+        averages = state["state_dict"]
+        missing = [n for n, _ in self.params if n not in averages]
         if missing:
             raise KeyError(f"EMA state lacks parameters {missing[:5]}{'...' if len(missing) > 5 else ''}")
         rank = dist.get_rank() if self.partitioned else 0
         with torch.no_grad():
             for (name, p), s in zip(self.params, self.shadow):
-                full = state[name].to(device=s.device, dtype=torch.float32).reshape(-1)
+                full = averages[name].to(device=s.device, dtype=torch.float32).reshape(-1)
                 if self.partitioned:
                     k = s.numel()
                     padded = torch.zeros(k * dist.get_world_size(), dtype=full.dtype, device=full.device)
@@ -116,13 +122,4 @@ class EMA:
                     s.copy_(padded[rank * k:(rank + 1) * k])
                 else:
                     s.copy_(full.view_as(s))
-        self.num_updates = num_updates
-
-    def state_dict(self) -> dict:
-        """``{"state_dict": full fp32 averages, "num_updates", "decay"}`` for the checkpoint's client state
-        (the averages on rank 0 only under ZeRO-3; every rank must call it)."""
-        return {"state_dict": self.full_state_dict(), "num_updates": self.num_updates, "decay": self.decay}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Take this rank's share of a :meth:`state_dict` (from any world size)."""
-        self.load_full_state_dict(state["state_dict"], state["num_updates"])
+        self.num_updates = state["num_updates"]

@@ -107,18 +107,22 @@ def _jsonable(v: Any) -> Any:
 
 
 class MetricsWriter:
-    """metrics.jsonl + TensorBoard + tqdm on rank 0; every method is a no-op on other ranks."""
+    """metrics.jsonl + the trackers of ``logging.backends`` (avi_scale/engine/tracking.py) + tqdm on rank 0;
+    every method is a no-op on other ranks."""
 
-    def __init__(self, run_dir: Path, enabled: bool, total_steps: int, initial_step: int, progress_bar: bool):
+    def __init__(self, run_dir: Path, enabled: bool, total_steps: int, initial_step: int, progress_bar: bool,
+                 logging: Any = None, run_name: str = "", config: Optional[dict] = None):
         self.enabled = enabled
         self.run_dir = run_dir
-        self._tb = None
+        self._trackers: list = []
         self._bar = None
         self._file = None
         if not enabled:
             return
-        from torch.utils.tensorboard import SummaryWriter
         from tqdm import tqdm
+
+        from avi_scale.config import LoggingConfig
+        from avi_scale.engine.tracking import build_trackers
 
         path = run_dir / "metrics.jsonl"
         kept = []
@@ -132,7 +136,7 @@ class MetricsWriter:
                     kept.append(line)
         path.write_text("".join(line + "\n" for line in kept))
         self._file = open(path, "a", buffering=1)
-        self._tb = SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=initial_step or None)
+        self._trackers = build_trackers(logging or LoggingConfig(), run_dir, initial_step, run_name, config or {})
         self._bar = tqdm(total=total_steps, initial=initial_step, disable=not progress_bar,
                          dynamic_ncols=True, desc="train")
 
@@ -143,20 +147,15 @@ class MetricsWriter:
         self._file.write(json.dumps(_jsonable(row)) + "\n")
         if kind == "final":
             return
-        step = int(values["step"])
-        for key, v in values.items():
-            if key == "step":
-                continue
-            if isinstance(v, (list, tuple)):  # per-layer KL: one curve per layer, 01 = the top layer
-                for i, u in enumerate(v):
-                    if isinstance(u, (int, float)):
-                        self._tb.add_scalar(f"{kind}/{key}/{i + 1:02d}", u, step)
-            elif isinstance(v, (int, float)) and not isinstance(v, bool):
-                self._tb.add_scalar(f"{kind}/{key}", v, step)
+        from avi_scale.engine.tracking import flatten
+
+        scalars = flatten(kind, values)
+        for tracker in self._trackers:
+            tracker.scalars(int(values["step"]), scalars)
 
     def image(self, tag: str, grid: np.ndarray, step: int) -> None:
-        if self.enabled:
-            self._tb.add_image(tag, grid, step, dataformats="HWC")
+        for tracker in self._trackers:
+            tracker.image(tag, grid, step)
 
     def advance(self, n: int, postfix: Optional[dict] = None) -> None:
         if self._bar is not None:
@@ -172,8 +171,9 @@ class MetricsWriter:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
-        if self._tb is not None:
-            self._tb.close()
+        for tracker in self._trackers:
+            tracker.close()
+        self._trackers = []
         if self._file is not None:
             self._file.close()
-        self._bar = self._tb = self._file = None
+        self._bar = self._file = None

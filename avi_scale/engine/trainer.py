@@ -98,7 +98,8 @@ class Trainer:
         try:
             resumed_from = self.checkpointer.resume()
             self.streams.start()
-            self.writer = MetricsWriter(self.run_dir, world.is_main, t.steps, self.step, t.progress_bar)
+            self.writer = MetricsWriter(self.run_dir, world.is_main, t.steps, self.step, t.progress_bar,
+                                        cfg.logging, cfg.name, to_dict(cfg))
             if resumed_from is not None:
                 self.writer.write(f"resumed from {resumed_from} at step {self.step}")
             self.batch_log = BatchLog(self.run_dir, world.rank, self.step, t.batch_log)

@@ -4,7 +4,9 @@
   when the bounds are symmetric, else by a smoothstep between them; sigma = exp(.) + 1e-2.
   Posteriors are residual: their raw (mu, log sigma) are added to the prior's raw parameters.
 * Bernoulli for binary images; discretised logistic mixture (PixelCNN++ style, with channel
-  regression coefficients for RGB) for 8-bit images.
+  regression coefficients for RGB) for n-bit images (``model.num_bits``, 8 by default; NVAE's CelebA-HQ
+  256 uses 5): pixels on the grid of ``2^n`` levels ``k / (2^n - 1)``, scaled to [-1, 1], so the bins
+  have width ``2 / (2^n - 1)``.
 """
 
 from __future__ import annotations
@@ -98,10 +100,13 @@ class Bernoulli:
 
 
 class DiscretizedLogisticMixture:
-    """Mixture of discretised logistics over 256 levels of pixels scaled to [-1, 1].
+    """Mixture of discretised logistics over the ``2^num_bits`` levels of pixels scaled to [-1, 1].
 
     Parameters per pixel: M logits, then per component 3 channel-regression coefficients (RGB only)
-    and a location and log-scale per channel.
+    and a location and log-scale per channel.  Level ``k`` of ``2^n`` sits at ``2k / (2^n - 1) - 1``
+    and owns the bin of half-width ``1 / (2^n - 1)`` around it; the lowest and highest levels own the
+    tails.  At ``num_bits=8`` (the default) every constant is the one of the 8-bit code (``1/255``,
+    ``log 127.5``), so the numbers are bit for bit the same.
     """
 
     LOG_SCALE_MIN = -7.0
@@ -111,7 +116,11 @@ class DiscretizedLogisticMixture:
         coeffs = 3 if channels == 3 else 0
         return num_mixtures * (1 + 2 * channels + coeffs)
 
-    def __init__(self, params: torch.Tensor, channels: int, num_mixtures: int):
+    def __init__(self, params: torch.Tensor, channels: int, num_mixtures: int, num_bits: int = 8):
+        if not 1 <= num_bits <= 8:
+            raise ValueError(f"num_bits must be in 1..8, got {num_bits}")
+        self.num_bits = num_bits
+        self.max_level = float(2 ** num_bits - 1)  # 255.0 for 8-bit images
         b, _, h, w = params.shape
         m, c = num_mixtures, channels
         params = params.float()
@@ -134,19 +143,25 @@ class DiscretizedLogisticMixture:
         return torch.stack([l0, l1, l2], dim=2)
 
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
-        """x in [-1, 1] on the 256-level grid, [B, C, H, W] -> log p(x) [B]."""
+        """x in [-1, 1] on the grid of ``2^num_bits`` levels, [B, C, H, W] -> log p(x) [B].
+
+        The edge tests ``x < -0.999`` / ``x > 0.999`` pick out the lowest and highest level only, for
+        every ``num_bits`` in 1..8 (the next levels lie at least ``2/255`` inside)."""
         x = x.float()
         xe = x.unsqueeze(1)  # [B, 1, C, H, W]
         centered = xe - self._conditioned_locs(x)
         inv_s = torch.exp(-self.log_scales)
-        plus_in = inv_s * (centered + 1.0 / 255.0)
-        min_in = inv_s * (centered - 1.0 / 255.0)
+        half_bin = 1.0 / self.max_level  # half of the bin width 2 / (2^n - 1)
+        plus_in = inv_s * (centered + half_bin)
+        min_in = inv_s * (centered - half_bin)
         cdf_delta = torch.sigmoid(plus_in) - torch.sigmoid(min_in)
-        log_cdf_plus = plus_in - F.softplus(plus_in)  # x = 0 (-1 after scaling)
-        log_one_minus_cdf_min = -F.softplus(min_in)  # x = 255 (+1)
+        log_cdf_plus = plus_in - F.softplus(plus_in)  # level 0 (-1 after scaling)
+        log_one_minus_cdf_min = -F.softplus(min_in)  # level 2^n - 1 (+1)
         mid_in = inv_s * centered
         log_pdf_mid = mid_in - self.log_scales - 2.0 * F.softplus(mid_in)
-        inner = torch.where(cdf_delta > 1e-5, torch.log(cdf_delta.clamp_min(1e-12)), log_pdf_mid - math.log(127.5))
+        # tiny bins: the density at the centre times the bin width 2 / (2^n - 1) (8 bits: / 127.5)
+        log_half_levels = math.log(self.max_level / 2.0)
+        inner = torch.where(cdf_delta > 1e-5, torch.log(cdf_delta.clamp_min(1e-12)), log_pdf_mid - log_half_levels)
         lp = torch.where(xe < -0.999, log_cdf_plus, torch.where(xe > 0.999, log_one_minus_cdf_min, inner))
         lp = lp.sum(2) + torch.log_softmax(self.logits, dim=1)  # [B, M, H, W]
         return torch.logsumexp(lp, dim=1).flatten(1).sum(1)

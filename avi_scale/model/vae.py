@@ -200,7 +200,7 @@ class AttentiveVAE(nn.Module):
     def _distribution(self, params: torch.Tensor):
         if self.cfg.likelihood == "bernoulli":
             return Bernoulli(params)
-        return DiscretizedLogisticMixture(params, self.cfg.image_channels, self.cfg.num_mixtures)
+        return DiscretizedLogisticMixture(params, self.cfg.image_channels, self.cfg.num_mixtures, self.cfg.num_bits)
 
     def _target(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.cfg.likelihood == "bernoulli" else 2.0 * x - 1.0

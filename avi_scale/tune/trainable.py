@@ -53,8 +53,9 @@ def trial_dirs(setup: dict, trial_id: str) -> tuple[Path, Path, str]:
 
 
 def trial_config(base: dict, overrides: dict[str, Any], run_dir: Optional[Path],
-                 ckpt_dir: Optional[Path] = None) -> ExperimentConfig:
-    """The config a trial trains: base + searched values, its own run directory, a checkpoint at each report.
+                 ckpt_dir: Optional[Path] = None, trial_id: str = "") -> ExperimentConfig:
+    """The config a trial trains: base + searched values, its own run directory, a checkpoint at each report,
+    and its own tracker run (``logging.run_name`` ``<search>_<trial id>``, grouped under the search's name).
 
     Every report must carry a checkpoint (ASHA and FailureConfig restart from it, PBT clones it), so
     ``train.checkpoint_every`` becomes ``train.eval_every`` unless it already divides it.
@@ -71,6 +72,10 @@ def trial_config(base: dict, overrides: dict[str, Any], run_dir: Optional[Path],
     if every == 0 or eval_every % every != 0:
         cfg.train.checkpoint_every = eval_every
     cfg.train.progress_bar = False
+    search = cfg.tune.name or cfg.name
+    cfg.logging.group = cfg.logging.group or search
+    if trial_id:
+        cfg.logging.run_name = f"{cfg.logging.run_name or search}_{trial_id}"
     return cfg
 
 
@@ -171,7 +176,7 @@ def run_trial(config: dict, *, base: dict, setup: dict) -> None:
     trial_id = tune.get_context().get_trial_id()
     dims = parse_space(base["tune"]["search_space"])
     run_dir, ckpt_dir, location = trial_dirs(setup, trial_id)
-    cfg = trial_config(base, overrides_for(dims, config), run_dir, ckpt_dir)
+    cfg = trial_config(base, overrides_for(dims, config), run_dir, ckpt_dir, trial_id)
     action = place_checkpoint(tune.get_checkpoint(), ckpt_dir, trial_id)
     log_event(run_dir, f"trial {trial_id} starts ({setup['workers']} rank(s)): {action}")
     try:
