@@ -28,13 +28,14 @@ import torch
 
 from avi_scale.config import load_config
 from avi_scale.engine import TrainingDiverged, load_exported, train
-from avi_scale.engine.checkpoint import consolidated_state_dict, resolve
+from avi_scale.engine.checkpoint import resolve
+from avi_scale.engine.export import consolidated_state_dict
 from avi_scale.engine.deepspeed_config import build_ds_config
 from avi_scale.engine.distributed import free_port
 from avi_scale.engine import noise_seed
 from avi_scale.engine.schedule import kl_beta, learning_rate
 
-from helpers import REPO, launch_env, metric_rows
+from helpers import PY, REPO, launch_env, metric_rows
 
 # one_thread, shards, config_file (TINY_CONFIG): tests/conftest.py
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -337,6 +338,30 @@ def test_deepspeed_launcher_zero1_matches_single_process(config_file, runs, refe
 @pytest.mark.slow
 def test_deepspeed_launcher_zero3_matches_single_process(zero3_run, reference):
     _assert_same_training(zero3_run, reference[0])
+
+
+@pytest.mark.slow
+def test_deepspeeds_own_zero_to_fp32_script_consolidates_a_two_rank_zero3_checkpoint(zero3_run, tmp_path):
+    """The script DeepSpeed drops into every checkpoint folder, run as its documentation says (in this
+    environment: it imports safetensors and huggingface_hub), gives the weights of our export."""
+    ckpt = zero3_run / "checkpoints"
+    tag = (ckpt / "latest").read_text().strip()
+    for flags, name in (([], "pytorch_model.bin"), (["--safe_serialization"], "model.safetensors")):
+        out = tmp_path / name
+        proc = subprocess.run([PY, str(ckpt / "zero_to_fp32.py"), str(ckpt), str(out), "-t", tag, *flags],
+                              capture_output=True, text=True, env=launch_env(), timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        if name.endswith(".bin"):
+            state = torch.load(out / name, weights_only=True)
+        else:
+            from safetensors.torch import load_file
+
+            state = load_file(str(out / name))
+        model, _ = load_exported(zero3_run / "final" / "model.pt", use_ema=False)
+        expected = model.state_dict()  # parameters and BatchNorm statistics
+        assert set(state) == set(expected)
+        for key, value in state.items():
+            assert torch.equal(value.to(expected[key].dtype), expected[key]), key
 
 
 @pytest.mark.slow

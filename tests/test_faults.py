@@ -71,12 +71,11 @@ from avi_scale.engine.checkpoint import (  # noqa: E402
     COMPLETE,
     LATEST,
     UnsafeCheckpointError,
-    consolidated_state_dict,
-    load_exported,
     resolve,
     safe_load,
     tag_for,
 )
+from avi_scale.engine.export import consolidated_state_dict, load_exported  # noqa: E402
 from avi_scale.engine.distributed import free_port  # noqa: E402
 
 # quiet_exit, one_thread, shards, config_file (TINY_CONFIG), s3_endpoint, aws_env: tests/conftest.py

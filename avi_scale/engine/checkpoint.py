@@ -270,16 +270,3 @@ def _write_atomically(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
-
-
-# The export and the one model reader live in avi_scale.engine.export (which imports this module); these
-# names are still served from here for the importers that knew them in this module.
-_MOVED_TO_EXPORT = ("consolidated_state_dict", "export_consolidated", "has_model_states", "load_exported")
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MOVED_TO_EXPORT:
-        from avi_scale.engine import export
-
-        return getattr(export, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
