@@ -88,7 +88,7 @@ def cpu_peak_step_mb(config: str, overrides: list[str], batch: int, channels_las
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=sorted(PRESETS), default="small-cpu")
     ap.add_argument("--device", default="cpu")
@@ -104,50 +104,47 @@ def main(argv=None) -> int:
                                                           "in a fresh process")
     ap.add_argument("--json", default="", help="write results here")
     ap.add_argument("overrides", nargs="*", help="extra config overrides key=value")
-    args = ap.parse_args(argv)
+    return ap
 
-    config, preset = PRESETS[args.preset]
-    dtype = torch.bfloat16 if args.precision == "bf16" else None
+
+def _prepare(v: str, args: argparse.Namespace, config: str, preset: list[str]) -> dict:
+    """One variant, built and warmed up: its step function, FLOPs per step, parameters, warm-up time."""
     from avi_scale.model.layers import NonLocalBlock
 
-    peak = args.peak_tflops
-    if not peak:
-        from bench_ceiling import measure
+    dtype = torch.bfloat16 if args.precision == "bf16" else None
+    ov = variant_overrides(v, preset, args.overrides)
+    cl = v == "channels_last"
+    cfg, model = build(config, ov, args.device, cl)
+    x = make_batch(cfg, args.batch, args.device, cl)
+    flops = count_flops(cfg.model)["train_per_image"] * args.batch  # one training step of the batch
+    step_model = torch.compile(model) if v == "compile" else model
+    opt = torch.optim.Adamax(model.parameters(), lr=1e-3, eps=1e-3)
 
-        peak = measure(args.device, dtypes=(args.precision,))[args.precision]["ceiling"] / 1e3
-        print(f"measured ceiling of this machine ({args.precision}): {peak * 1e3:.1f} GFLOP/s")
-    runs = {}
-    for v in args.variants.split(","):
-        if v not in VARIANTS:
-            ap.error(f"unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
-        ov = variant_overrides(v, preset, args.overrides)
-        cl = v == "channels_last"
-        cfg, model = build(config, ov, args.device, cl)
-        x = make_batch(cfg, args.batch, args.device, cl)
-        flops = count_flops(cfg.model)["train_per_image"] * args.batch  # one training step of the batch
-        step_model = torch.compile(model) if v == "compile" else model
-        opt = torch.optim.Adamax(model.parameters(), lr=1e-3, eps=1e-3)
+    def step(fused=v != "unfused"):
+        NonLocalBlock.pad_for_fused_kernels = fused
+        with torch.autocast(args.device.split(":")[0], dtype=dtype, enabled=dtype is not None):
+            loss = step_model(x).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
 
-        def step(step_model=step_model, opt=opt, x=x, fused=v != "unfused"):
-            NonLocalBlock.pad_for_fused_kernels = fused
-            with torch.autocast(args.device.split(":")[0], dtype=dtype, enabled=dtype is not None):
-                loss = step_model(x).loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+    warmup_s = time.perf_counter()
+    for _ in range(2):  # warm-up (and compilation)
+        step()
+    run = dict(step=step, flops=flops, params=count_parameters(model), times=[],
+               warmup_s=time.perf_counter() - warmup_s)
+    if args.memory and args.device == "cpu":
+        run["peak_mem_gb"] = cpu_peak_step_mb(config, ov, args.batch, cl, v == "unfused") / 1024
+    return run
 
-        compile_s = time.perf_counter()
-        for _ in range(2):  # warm-up (and compilation)
-            step()
-        compile_s = time.perf_counter() - compile_s
-        runs[v] = dict(step=step, flops=flops, params=count_parameters(model), times=[], warmup_s=compile_s)
-        if args.memory and args.device == "cpu":
-            runs[v]["peak_mem_gb"] = cpu_peak_step_mb(config, ov, args.batch, cl, v == "unfused") / 1024
 
-    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+def _time_rounds(runs: dict, args: argparse.Namespace) -> None:
+    """``args.rounds`` rounds, each timing ``args.steps`` steps of every variant in turn (interleaved)."""
+    cuda = args.device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     for _ in range(args.rounds):
-        for v, r in runs.items():
-            if args.device.startswith("cuda"):
+        for r in runs.values():
+            if cuda:
                 torch.cuda.reset_peak_memory_stats()
             sync()
             t0 = time.perf_counter()
@@ -155,9 +152,11 @@ def main(argv=None) -> int:
                 r["step"]()
             sync()
             r["times"].append((time.perf_counter() - t0) / args.steps)
-            if args.device.startswith("cuda"):
+            if cuda:
                 r["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
 
+
+def _table(runs: dict, args: argparse.Namespace, peak: float) -> list[dict]:
     base = None
     rows = []
     print(f"preset={args.preset} device={args.device} batch={args.batch} precision={args.precision}")
@@ -176,6 +175,25 @@ def main(argv=None) -> int:
         mem = f"{row['peak_mem_gb']:>9.2f}" if row["peak_mem_gb"] is not None else f"{'-':>9}"
         print(f"{v:<14}{r['params'] / 1e6:>9.2f}M{row['gflop_per_image']:>11.2f}{t:>9.3f}{row['images_per_s']:>9.1f}"
               f"{tflops:>9.3f}{mfu:>9.1%}{t / base:>7.2f}{mem}")
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = _parser()
+    args = ap.parse_args(argv)
+    config, preset = PRESETS[args.preset]
+    peak = args.peak_tflops
+    if not peak:
+        from bench_ceiling import measure
+
+        peak = measure(args.device, dtypes=(args.precision,))[args.precision]["ceiling"] / 1e3
+        print(f"measured ceiling of this machine ({args.precision}): {peak * 1e3:.1f} GFLOP/s")
+    unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
+    if unknown:
+        ap.error(f"unknown variant {unknown[0]!r}; choose from {', '.join(VARIANTS)}")
+    runs = {v: _prepare(v, args, config, preset) for v in args.variants.split(",")}
+    _time_rounds(runs, args)
+    rows = _table(runs, args, peak)
     if args.json:
         Path(args.json).write_text(json.dumps(dict(args=vars(args), device=args.device, results=rows), indent=2))
     return 0

@@ -41,6 +41,26 @@ def run(script: str, args: list[str], want_json: bool = True) -> dict:
         return result
 
 
+def _summary(res: dict) -> None:
+    """The headline figures of every part that ran."""
+    r = res["results"]
+    print("\n== summary (" + res["device"] + (f", {res['gpu']}" if res["gpu"] else "") + ")")
+    for prec, rates in r.get("ceiling", {}).get("gflops", {}).items():
+        print(f"ceiling {prec}: {rates['ceiling']:.1f} GFLOP/s")
+    for key in ("model_small", "model_cifar10"):
+        if key in r:
+            for row in r[key]["results"]:
+                print(f"{key:<14} {row['variant']:<14} {row['step_s']:8.3f} s/step {row['images_per_s']:9.1f} img/s "
+                      f"{row['fraction_of_peak']:7.1%} of peak  x{row['ratio_to_first']:.2f}")
+    for key in ("eval_small", "eval_cifar10"):
+        if key in r:
+            best = max(r[key]["results"], key=lambda row: row["images_per_s"])
+            print(f"{key:<14} K={r[key]['args']['iw_samples']}: {best['images_per_s']:.2f} img/s (iw_chunk {best['iw_chunk']})")
+    for key in ("memory_small", "memory_cifar10"):
+        if key in r:
+            print(f"{key:<14} " + ", ".join(f"{row['variant']}: batch {row['largest_batch']}" for row in r[key]["results"]))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -86,21 +106,7 @@ def main(argv=None) -> int:
     if "engine" in parts and not q:
         r["engine"] = run("bench_engine.py", [], want_json=False)
 
-    print("\n== summary (" + args.device + (f", {res['gpu']}" if res["gpu"] else "") + ")")
-    for prec, rates in r.get("ceiling", {}).get("gflops", {}).items():
-        print(f"ceiling {prec}: {rates['ceiling']:.1f} GFLOP/s")
-    for key in ("model_small", "model_cifar10"):
-        if key in r:
-            for row in r[key]["results"]:
-                print(f"{key:<14} {row['variant']:<14} {row['step_s']:8.3f} s/step {row['images_per_s']:9.1f} img/s "
-                      f"{row['fraction_of_peak']:7.1%} of peak  x{row['ratio_to_first']:.2f}")
-    for key in ("eval_small", "eval_cifar10"):
-        if key in r:
-            best = max(r[key]["results"], key=lambda row: row["images_per_s"])
-            print(f"{key:<14} K={r[key]['args']['iw_samples']}: {best['images_per_s']:.2f} img/s (iw_chunk {best['iw_chunk']})")
-    for key in ("memory_small", "memory_cifar10"):
-        if key in r:
-            print(f"{key:<14} " + ", ".join(f"{row['variant']}: batch {row['largest_batch']}" for row in r[key]["results"]))
+    _summary(res)
     out = args.out or HERE / "results" / f"{args.device}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=2) + "\n")
