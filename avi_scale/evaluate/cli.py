@@ -25,6 +25,34 @@ from typing import Optional, Sequence
 from avi_scale import version
 
 
+def _common_args(sp: argparse.ArgumentParser, out_required: bool) -> None:
+    sp.add_argument("checkpoint", help="run directory, export folder (model.safetensors + config.yaml), "
+                                       "DeepSpeed checkpoint directory/tag, or consolidated .pt file")
+    sp.add_argument("overrides", nargs="*", metavar="key=value",
+                    help="config overrides on top of the checkpoint's config (eval.*, data.*, train.device)")
+    sp.add_argument("--out", type=Path, required=out_required,
+                    help="output directory" + ("" if out_required else " (writes nll.json there)"))
+    sp.add_argument("--config", type=Path, help="config YAML to use instead of the one saved with the weights "
+                                                "(needed for a bare state dict without config.yaml beside it)")
+    sp.add_argument("--data", metavar="URLS", help="shards of the evaluation split: a dataset directory/prefix "
+                                                   "with manifest.json or a shard pattern (sets data.<split>_urls)")
+    sp.add_argument("--split", choices=("val", "test"), help="evaluation split (eval.split; default test)")
+    sp.add_argument("--seed", type=int, help="eval.seed: posterior noise and sampling")
+    sp.add_argument("--raw-weights", action="store_true", help="use the trained weights, not the EMA (eval.use_ema=false)")
+    sp.add_argument("--device", choices=("auto", "cpu", "cuda"), help="train.device for evaluation")
+
+def _likelihood_args(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("-K", "--iw-samples", type=int, help="importance samples per image (eval.iw_samples)")
+    sp.add_argument("--iw-chunk", type=int, help="importance samples evaluated at once (eval.iw_chunk; memory)")
+    sp.add_argument("--batch-size", type=int, help="images per loader batch (eval.batch_size; no effect on results)")
+    sp.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+def _picture_args(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--run", type=Path, help="run directory with metrics.jsonl (default: the checkpoint's run)")
+    sp.add_argument("--attention-layer", type=int, help="layer whose attention is drawn, 0-based, -1 = last "
+                                                         "(eval.attention_layer)")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="avi-eval",
@@ -36,47 +64,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = p.add_subparsers(dest="command", required=True, metavar="{nll,figures,report,compare}")
 
-    def common(sp: argparse.ArgumentParser, out_required: bool) -> None:
-        sp.add_argument("checkpoint", help="run directory, export folder (model.safetensors + config.yaml), "
-                                           "DeepSpeed checkpoint directory/tag, or consolidated .pt file")
-        sp.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="config overrides on top of the checkpoint's config (eval.*, data.*, train.device)")
-        sp.add_argument("--out", type=Path, required=out_required,
-                        help="output directory" + ("" if out_required else " (writes nll.json there)"))
-        sp.add_argument("--config", type=Path, help="config YAML to use instead of the one saved with the weights "
-                                                    "(needed for a bare state dict without config.yaml beside it)")
-        sp.add_argument("--data", metavar="URLS", help="shards of the evaluation split: a dataset directory/prefix "
-                                                       "with manifest.json or a shard pattern (sets data.<split>_urls)")
-        sp.add_argument("--split", choices=("val", "test"), help="evaluation split (eval.split; default test)")
-        sp.add_argument("--seed", type=int, help="eval.seed: posterior noise and sampling")
-        sp.add_argument("--raw-weights", action="store_true", help="use the trained weights, not the EMA (eval.use_ema=false)")
-        sp.add_argument("--device", choices=("auto", "cpu", "cuda"), help="train.device for evaluation")
-
-    def likelihood(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("-K", "--iw-samples", type=int, help="importance samples per image (eval.iw_samples)")
-        sp.add_argument("--iw-chunk", type=int, help="importance samples evaluated at once (eval.iw_chunk; memory)")
-        sp.add_argument("--batch-size", type=int, help="images per loader batch (eval.batch_size; no effect on results)")
-        sp.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-    def pictures(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--run", type=Path, help="run directory with metrics.jsonl (default: the checkpoint's run)")
-        sp.add_argument("--attention-layer", type=int, help="layer whose attention is drawn, 0-based, -1 = last "
-                                                             "(eval.attention_layer)")
-
     nll = sub.add_parser("nll", help="negative ELBO and IW -log p(x) on the evaluation split",
                          description="Negative ELBO and importance-weighted -log p(x) on the evaluation split.")
-    common(nll, out_required=False)
-    likelihood(nll)
+    _common_args(nll, out_required=False)
+    _likelihood_args(nll)
     fig = sub.add_parser("figures", help="sample grids, reconstructions, attention, KL heat map",
                          description="Sample grids per temperature, reconstructions, depth-wise attention, "
                                      "KL per layer over training and training curves, as PNG files.")
-    common(fig, out_required=True)
-    pictures(fig)
+    _common_args(fig, out_required=True)
+    _picture_args(fig)
     rep = sub.add_parser("report", help="likelihood + figures + one report page (Markdown and HTML)",
                          description="Everything: likelihood table, figures and report.md / report.html.")
-    common(rep, out_required=True)
-    likelihood(rep)
-    pictures(rep)
+    _common_args(rep, out_required=True)
+    _likelihood_args(rep)
+    _picture_args(rep)
     rep.add_argument("--skip-nll", action="store_true", help="leave the likelihood out of the report")
     cmp = sub.add_parser("compare", help="finished runs side by side: seed statistics, KL heat maps",
                          description="Compare finished runs (each evaluated with `avi-eval nll RUN --out RUN/test`): "
