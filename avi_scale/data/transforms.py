@@ -27,15 +27,21 @@ TAG_AUGMENT, TAG_EVAL = 14, 15  # seed tags: training batches, evaluation sample
 
 
 def to_float(images: np.ndarray, num_bits: int = 8) -> np.ndarray:
-    """uint8 [B, H, W, C] -> float32 [B, C, H, W] in [0, 1]; quantised to ``num_bits`` bits when < 8."""
+    """uint8 [B, H, W, C] -> float32 [B, C, H, W] in [0, 1], C-contiguous; quantised to ``num_bits`` bits
+    when < 8.
+
+    Contiguous, not the channels-last strides a transposed ``astype`` keeps: torch 2.13's CPU backward
+    of the model corrupts memory (segfaults) on channels-last RGB batches of 48 px and more (the
+    down-sampling shortcut's strided 1x1 convs on shifted slices), and NCHW is what the model documents.
+    """
     if not 1 <= num_bits <= 8:
         raise ValueError(f"num_bits must be in 1..8, got {num_bits}")
     if num_bits == 8:
-        x = images.transpose(0, 3, 1, 2).astype(np.float32)
+        x = np.ascontiguousarray(images.transpose(0, 3, 1, 2), dtype=np.float32)
         x *= np.float32(1.0 / 255.0)
         return x
     levels = np.right_shift(images, 8 - num_bits)  # floor(k / 2^(8-n)), still uint8
-    x = levels.transpose(0, 3, 1, 2).astype(np.float32)
+    x = np.ascontiguousarray(levels.transpose(0, 3, 1, 2), dtype=np.float32)
     x /= np.float32(2 ** num_bits - 1)
     return x
 

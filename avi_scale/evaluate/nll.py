@@ -61,9 +61,11 @@ def check_images(x: Any, model_cfg) -> torch.Tensor:
             raise ValueError("model.likelihood is bernoulli but the images are not binary: evaluate with "
                              "data.binarize=true (a fixed Bernoulli draw per test image) or binary data")
     else:
-        levels = x * 255.0
+        top = 2 ** model_cfg.num_bits - 1
+        levels = x * top
         if (levels - levels.round()).abs().max().item() > 1e-3:
-            raise ValueError("model.likelihood is logistic_mixture but the images are not 8-bit (k/255) values")
+            raise ValueError(f"model.likelihood is logistic_mixture but the images are not {model_cfg.num_bits}-bit "
+                             f"(k/{top}) values (model.num_bits; data.num_bits quantises them)")
     return x
 
 
