@@ -499,3 +499,13 @@ def test_launch_scripts_print_what_they_start(tmp_path):
     bad = subprocess.run(["bash", str(REPO / "launch" / "ray_cluster.sh"), "auto"], cwd=tmp_path, env=env,
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "usage: ray_cluster.sh ADDRESS SEARCH.yaml" in bad.stderr
+
+
+def test_each_trial_is_its_own_tracker_run_grouped_under_the_search(shards, tmp_path):
+    from avi_scale.config import to_dict
+    from avi_scale.tune.trainable import trial_config
+
+    plan = plan_search(_search(shards, tmp_path / "store", "logging.backends=[csv,mlflow]"))
+    cfg = trial_config(to_dict(plan.cfg), {"optim.lr": 0.01, "model.num_layers": 1}, tmp_path / "t1", None, "abc12")
+    assert cfg.logging.backends == ["csv", "mlflow"]
+    assert (cfg.logging.group, cfg.logging.run_name) == (plan.name, f"{plan.name}_abc12")
