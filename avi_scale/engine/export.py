@@ -155,21 +155,14 @@ def _config(config_path: Optional[Path], stored: Any, source: Path, hint: str):
 
 
 def _build(cfg: Any, state: dict, source: Path) -> torch.nn.Module:
+    """The model of ``cfg`` holding ``state`` (strict, as the export folder is read), in eval mode."""
     from avi_scale.model import AttentiveVAE
+    from avi_scale.model.pretrained import PretrainedError, load_into
 
-    model = AttentiveVAE(cfg.model)
-    expected = set(model.state_dict())
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{source}: the weights do not fit the model of its config (model.*): "
-            f"{len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})")
     try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        detail = "; ".join(line.strip() for line in str(exc).splitlines()[:3] if line.strip())
-        raise CheckpointError(f"{source}: the weights do not fit the model of its config: {detail}") from None
-    return model.eval()
+        return load_into(AttentiveVAE(cfg.model), state, source).eval()
+    except PretrainedError as exc:
+        raise CheckpointError(str(exc)) from None
 
 
 def _find_config_yaml(path: Path) -> Optional[Path]:
@@ -228,16 +221,15 @@ def _from_deepspeed(tag_dir: Path, use_ema: bool, config_path: Optional[Path]) -
 def _from_pretrained(folder: Path, use_ema: bool, config_path: Optional[Path]) -> LoadedModel:
     """An export folder: its weights are the EMA ones the run was evaluated with (``raw`` weights are only
     in ``model.pt`` and the DeepSpeed checkpoints)."""
-    from avi_scale.model import AttentiveVAE
-    from avi_scale.model.pretrained import PretrainedError, load_into, load_pretrained
+    from avi_scale.model.pretrained import PretrainedError, load_pretrained
 
     try:
         state, cfg, meta = load_pretrained(folder)
-        if config_path is not None:
-            cfg = _config(config_path, None, folder, "")
-        model = load_into(AttentiveVAE(cfg.model), state, folder).eval()
     except PretrainedError as exc:
         raise CheckpointError(str(exc)) from None
+    if config_path is not None:
+        cfg = _config(config_path, None, folder, "")
+    model = _build(cfg, state, folder)
     weights = meta.get("weights", "ema")
     if not use_ema and weights == "ema":
         raise CheckpointError(f"{folder} holds the EMA weights only (model.safetensors); the raw weights are in "

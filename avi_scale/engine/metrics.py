@@ -27,6 +27,8 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from avi_scale.engine.tracking import build_trackers, flatten
+
 # Dense peak TFLOP/s per device for the MFU estimate, by (name fragment, precision).
 _PEAK_TFLOPS = {
     ("H200", "bf16"): 989.0, ("H200", "fp16"): 989.0, ("H200", "fp32"): 67.0,
@@ -122,7 +124,6 @@ class MetricsWriter:
         from tqdm import tqdm
 
         from avi_scale.config import LoggingConfig
-        from avi_scale.engine.tracking import build_trackers
 
         path = run_dir / "metrics.jsonl"
         kept = []
@@ -147,8 +148,6 @@ class MetricsWriter:
         self._file.write(json.dumps(_jsonable(row)) + "\n")
         if kind == "final":
             return
-        from avi_scale.engine.tracking import flatten
-
         scalars = flatten(kind, values)
         for tracker in self._trackers:
             tracker.scalars(int(values["step"]), scalars)

@@ -82,7 +82,7 @@ def load_into(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source:
     wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
              if tuple(state[k].shape) != tuple(v.shape)]
     if wrong:
-        raise PretrainedError(f"{source}: {len(wrong)} tensors have other shapes than the model of its config "
-                              f"(file vs model): {'; '.join(wrong[:3])}")
+        raise PretrainedError(f"{source}: the weights do not fit: {len(wrong)} tensors have other shapes than the "
+                              f"model of its config (file vs model): {'; '.join(wrong[:3])}")
     model.load_state_dict(dict(state))
     return model
